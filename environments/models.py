@@ -1,0 +1,185 @@
+"""Templates (the catalog) and environments (containers + workspace volumes)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+from guardian.models import GroupObjectPermissionBase, UserObjectPermissionBase
+
+from accounts.models import Team
+
+
+class NetworkMode(models.TextChoices):
+    BRIDGE = "bridge", "Bridge"
+    HOST = "host", "Host"
+    NONE = "none", "None"
+
+
+class Template(models.Model):
+    """A catalog entry. Written only by `lsl_apply` (catalog YAML) and admin."""
+
+    slug = models.SlugField(max_length=64, unique=True)
+    image = models.CharField(max_length=255)
+    description = models.TextField(blank=True)
+    shell = models.CharField(max_length=255, default="/bin/sh")
+    env = models.JSONField(default=dict, blank=True)
+    cpus = models.FloatField(default=1.0)
+    memory_mb = models.PositiveIntegerField(default=1024)
+    pids = models.PositiveIntegerField(default=512)
+    network_modes = models.JSONField(default=list)  # allowed modes; first is the default
+    mounts = models.JSONField(default=list, blank=True)  # default mounts [{source, target, read_only}]
+    allow_user_mounts = models.BooleanField(default=True)
+    setup = models.JSONField(default=list, blank=True)  # shell commands run once after create
+    labels = models.JSONField(default=dict, blank=True)
+    public = models.BooleanField(default=True, help_text="Usable by everyone; otherwise only by `teams`.")
+    teams = models.ManyToManyField(Team, blank=True, related_name="templates")
+    managed_by_catalog = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        permissions = [("use_template", "Can create environments from this template")]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    @property
+    def default_network(self) -> str:
+        return (self.network_modes or [NetworkMode.BRIDGE])[0]
+
+
+class TemplateUserObjectPermission(UserObjectPermissionBase):
+    content_object = models.ForeignKey(Template, on_delete=models.CASCADE)
+
+
+class TemplateGroupObjectPermission(GroupObjectPermissionBase):
+    content_object = models.ForeignKey(Template, on_delete=models.CASCADE)
+
+
+class TemplateQuerySet(models.QuerySet["Template"]):
+    pass
+
+
+def usable_templates(user: Any) -> models.QuerySet[Template]:
+    """Templates `user` may create environments from: public, their team's, or granted."""
+    if not user.is_authenticated:
+        return Template.objects.none()
+    if user.is_superuser:
+        return Template.objects.all()
+    group_ids = user.groups.values("id")
+    granted_user = TemplateUserObjectPermission.objects.filter(
+        content_object=OuterRef("pk"), user=user, permission__codename="use_template"
+    )
+    granted_group = TemplateGroupObjectPermission.objects.filter(
+        content_object=OuterRef("pk"), group__in=group_ids, permission__codename="use_template"
+    )
+    team_member = Template.teams.through.objects.filter(template=OuterRef("pk"), team__group__in=group_ids)
+    return Template.objects.filter(Q(public=True) | Exists(team_member) | Exists(granted_user) | Exists(granted_group))
+
+
+class Status(models.TextChoices):
+    CREATING = "creating", "Creating"
+    RUNNING = "running", "Running"
+    STOPPED = "stopped", "Stopped"
+    ERROR = "error", "Error"
+    MISSING = "missing", "Missing"
+
+
+class Role(models.IntegerChoices):
+    """Roles on an environment; each includes the ones below it."""
+
+    VIEWER = 1, "viewer"
+    MEMBER = 2, "member"
+    ADMIN = 3, "admin"
+
+    @classmethod
+    def from_name(cls, name: str) -> "Role":
+        for role in cls:
+            if role.label == name:
+                return role
+        raise ValueError(f"unknown role {name!r}; expected one of viewer, member, admin")
+
+    @property
+    def codenames(self) -> list[str]:
+        """The guardian permission codenames that make up this role."""
+        return ROLE_CODENAMES[: self.value]
+
+
+# Order matters: role N holds the first N codenames.
+ROLE_CODENAMES = ["view_environment", "use_environment", "admin_environment"]
+
+
+class EnvironmentQuerySet(models.QuerySet["Environment"]):
+    def visible_to(self, user: Any) -> "EnvironmentQuerySet":
+        """Environments `user` may view, in one query (NetBox: filter by permission first)."""
+        if not user.is_authenticated or not user.is_active:
+            return self.none()
+        if user.is_superuser or user.is_staff:
+            return self.all()
+        user_grant = EnvironmentUserObjectPermission.objects.filter(
+            content_object=OuterRef("pk"), user=user, permission__codename="view_environment"
+        )
+        group_grant = EnvironmentGroupObjectPermission.objects.filter(
+            content_object=OuterRef("pk"), group__user=user, permission__codename="view_environment"
+        )
+        return self.filter(Q(owner=user) | Exists(user_grant) | Exists(group_grant))
+
+
+class Environment(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=63)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="environments")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="environments")
+    template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="environments")
+    image = models.CharField(max_length=255)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.CREATING)
+    container_id = models.CharField(max_length=64, blank=True)
+    cpus = models.FloatField()
+    memory_mb = models.PositiveIntegerField()
+    pids = models.PositiveIntegerField()
+    network_mode = models.CharField(max_length=10, choices=NetworkMode.choices, default=NetworkMode.BRIDGE)
+    mounts = models.JSONField(default=list, blank=True)  # [{source, target, read_only}]
+    workspace_volume = models.CharField(max_length=128, blank=True)
+    progress = models.JSONField(default=dict, blank=True)  # pull/create progress a client can poll
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    objects = EnvironmentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="unique_environment_name_per_owner")]
+        default_permissions = ("add", "change", "delete", "view")
+        permissions = [
+            ("use_environment", "Member: type in terminals, start and stop"),
+            ("admin_environment", "Admin: change, delete, grant and revoke"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def clean(self) -> None:
+        if self.network_mode not in (self.template.network_modes or [NetworkMode.BRIDGE]):
+            raise ValidationError({"network_mode": f"template {self.template.slug} does not allow {self.network_mode}"})
+
+    @property
+    def short_id(self) -> str:
+        return self.id.hex[:12]
+
+
+class EnvironmentUserObjectPermission(UserObjectPermissionBase):
+    content_object = models.ForeignKey(Environment, on_delete=models.CASCADE)
+
+
+class EnvironmentGroupObjectPermission(GroupObjectPermissionBase):
+    content_object = models.ForeignKey(Environment, on_delete=models.CASCADE)

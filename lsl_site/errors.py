@@ -1,0 +1,49 @@
+"""One JSON error shape for the whole API: {"error": {"code", "detail", "fields"?}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+
+class EngineUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "engine_unavailable"
+    default_detail = "The Docker engine is not reachable."
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+    default_detail = "The request conflicts with the current state."
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    from environments.runtime import EngineError, EngineUnavailableError, ImageNotFound
+
+    if isinstance(exc, EngineUnavailableError):
+        exc = EngineUnavailable(str(exc))
+    elif isinstance(exc, ImageNotFound):
+        exc = exceptions.ValidationError({"image": [str(exc)]})
+    elif isinstance(exc, EngineError):
+        exc = Conflict(str(exc), code="engine_error")
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    data = response.data
+    if isinstance(exc, exceptions.ValidationError):
+        body = {"code": "invalid", "detail": "The request has invalid fields.", "fields": data}
+        if isinstance(data, list):
+            body = {"code": "invalid", "detail": "; ".join(str(d) for d in data)}
+        elif isinstance(data, dict) and set(data) == {"non_field_errors"}:
+            body = {"code": "invalid", "detail": "; ".join(str(d) for d in data["non_field_errors"]), "fields": data}
+    else:
+        detail = data.get("detail", data) if isinstance(data, dict) else data
+        codes = exc.get_codes() if isinstance(exc, exceptions.APIException) else "error"
+        code = codes if isinstance(codes, str) else (codes.get("detail") if isinstance(codes, dict) else "error")
+        body = {"code": str(code or "error"), "detail": str(detail)}
+    response.data = {"error": body}
+    return response

@@ -1,0 +1,187 @@
+"""LSL settings: everything comes from LSL_* environment variables.
+
+Defaults make `make run` work with nothing configured: SQLite in var/, the
+in-memory channel layer and a local-memory cache. Setting LSL_DATABASE_URL or
+LSL_REDIS_URL switches to PostgreSQL / Redis (docker-compose.yml wires both).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from lsl_site.env import env_bool, env_float, env_int, env_list, env_paths, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("LSL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+LSL_VERSION = "0.1.0"
+
+DEBUG = env_bool("LSL_DEBUG", False)
+
+
+def _secret_key() -> str:
+    """LSL_SECRET_KEY, or one generated once into var/ so dev restarts keep sessions."""
+    key = env_str("LSL_SECRET_KEY")
+    if key:
+        return key
+    key_file = VAR_DIR / "secret_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    key = secrets.token_urlsafe(50)
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    return key
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = env_list("LSL_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("LSL_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "drf_spectacular",
+    "guardian",
+    "accounts",
+    "environments",
+    "sessions.apps.TerminalSessionsConfig",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "lsl_site.urls"
+ASGI_APPLICATION = "lsl_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("LSL_DATABASE_URL", f"sqlite:///{VAR_DIR / 'lsl.sqlite3'}")
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+except ValueError as exc:
+    raise ImproperlyConfigured(f"LSL_DATABASE_URL is not a valid database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Background jobs and daphne workers write concurrently: wait for the lock
+    # instead of failing, and take the write lock up front to avoid upgrade deadlocks.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}
+    DATABASES["default"]["TEST"] = {"NAME": env_str("LSL_TEST_DATABASE", str(VAR_DIR / "test.sqlite3"))}
+
+REDIS_URL = env_str("LSL_REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": env_int("LSL_CHANNEL_CAPACITY", 1000, minimum=10)},
+        }
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+ANONYMOUS_USER_NAME = None  # guardian: no anonymous user object; anonymous sees nothing
+GUARDIAN_RAISE_403 = False
+GUARDIAN_AUTO_PREFETCH = False
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.auth.APITokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_CLASSES": [
+        "rest_framework.throttling.AnonRateThrottle",
+        "rest_framework.throttling.UserRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env_str("LSL_THROTTLE_ANON", "60/min"),
+        "user": env_str("LSL_THROTTLE_USER", "1200/min"),
+        "login": env_str("LSL_THROTTLE_LOGIN", "10/min"),
+    },
+    "EXCEPTION_HANDLER": "lsl_site.errors.api_exception_handler",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LSL API",
+    "DESCRIPTION": "Lightweight Subsystem for Linux: disposable, shareable dev environments on Docker.",
+    "VERSION": LSL_VERSION,
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- LSL -------------------------------------------------------------------
+LSL_DOCKER_HOST = env_str("LSL_DOCKER_HOST")  # empty: DOCKER_HOST / the default socket
+LSL_DOCKER_API_VERSION = env_str("LSL_DOCKER_API_VERSION", "1.41")
+LSL_DOCKER_TIMEOUT = env_int("LSL_DOCKER_TIMEOUT", 60, minimum=1)
+LSL_HOST_MOUNT_ROOTS = env_paths("LSL_HOST_MOUNT_ROOTS")
+LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
+LSL_RECONCILE_TTL = env_float("LSL_RECONCILE_TTL", 2.0, minimum=0)
+LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)
+LSL_SESSION_RECORD_INPUT = env_bool("LSL_SESSION_RECORD_INPUT", False)
+LSL_WS_BASE_URL = env_str("LSL_WS_BASE_URL")  # empty: derived from the request
+LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env_str("LSL_LOG_LEVEL", "INFO")},
+    "loggers": {"daphne": {"level": "WARNING"}, "docker": {"level": "WARNING"}, "urllib3": {"level": "WARNING"}},
+}

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class TerminalSessionsConfig(AppConfig):
+    # The label cannot be "sessions": django.contrib.sessions owns it.
+    name = "sessions"
+    label = "terminals"
+    verbose_name = "Terminal sessions"
+    default_auto_field = "django.db.models.BigAutoField"
