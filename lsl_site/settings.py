@@ -171,6 +171,7 @@ LSL_DOCKER_HOST = env_str("LSL_DOCKER_HOST")  # empty: DOCKER_HOST / the default
 LSL_DOCKER_API_VERSION = env_str("LSL_DOCKER_API_VERSION", "1.41")
 LSL_DOCKER_TIMEOUT = env_int("LSL_DOCKER_TIMEOUT", 60, minimum=1)
 LSL_HOST_MOUNT_ROOTS = env_paths("LSL_HOST_MOUNT_ROOTS")
+LSL_INSTANCE = env_str("LSL_INSTANCE", "default")  # label value on everything this server creates
 LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
 LSL_RECONCILE_TTL = env_float("LSL_RECONCILE_TTL", 2.0, minimum=0)
 LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)

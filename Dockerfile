@@ -1,0 +1,50 @@
+# LSL server image (used by docker-compose.yml).
+#
+#   docker compose up --build
+#
+# The server drives the host's Docker engine through /var/run/docker.sock,
+# which the compose file mounts; see the warning there.
+
+# --- browser assets (xterm.js, asciinema-player, uPlot) -------------------------
+FROM node:20-slim AS assets
+WORKDIR /src/frontend
+COPY frontend/package.json frontend/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY frontend/build.mjs ./
+COPY frontend/src ./src
+RUN node build.mjs
+
+# --- application source, without local build/dev leftovers ----------------------
+# Only what the server needs is copied (so the local .venv, var/ with its
+# secret key and SQLite DB, .git, node_modules never reach the image).
+# A new top-level Django app must be added to this list.
+FROM python:3.11-slim AS source
+COPY manage.py /src/
+COPY lsl_site /src/lsl_site
+COPY lsl /src/lsl
+COPY accounts /src/accounts
+COPY environments /src/environments
+COPY sessions /src/sessions
+COPY frontend /src/frontend
+COPY catalog /src/catalog
+RUN rm -rf /src/frontend/node_modules /src/frontend/static/frontend/dist \
+ && find /src -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- server ---------------------------------------------------------------------
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LSL_VAR_DIR=/var/lib/lsl
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+COPY --from=source /src /app
+COPY --from=assets /src/frontend/static/frontend/dist /app/frontend/static/frontend/dist
+# var/: generated secret key (unless LSL_SECRET_KEY is set), SQLite fallback DB.
+RUN mkdir -p /var/lib/lsl
+VOLUME /var/lib/lsl
+EXPOSE 8000
+# Runs as root: it needs the Docker socket anyway, which is root-equivalent.
+CMD ["sh", "-c", "python manage.py migrate --noinput && python manage.py lsl_apply \"${LSL_CATALOG:-catalog/default.yaml}\" && exec daphne -b 0.0.0.0 -p 8000 lsl_site.asgi:application"]

@@ -1,0 +1,77 @@
+# LSL developer tasks.   make run | make test | make images | make bench
+#
+# Everything runs from the project's own virtualenv (.venv); the stamp files
+# keep `pip install` / `npm ci` from re-running unless their inputs changed.
+
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+NPM_STAMP := frontend/node_modules/.installed
+ASSETS_STAMP := frontend/static/frontend/dist/.built
+PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: help venv assets migrate run images engine bench test clean distclean
+
+help:
+	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/"
+	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to filter)"
+	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
+	@echo "make engine     start a Docker engine if none is reachable (needs root)"
+	@echo "make bench      terminal latency/throughput benchmark"
+	@echo "make venv | assets | migrate | clean | distclean"
+
+# --- Python -------------------------------------------------------------------
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt requirements-dev.txt
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+# --- Browser assets -------------------------------------------------------------
+assets: $(ASSETS_STAMP)
+
+$(NPM_STAMP): frontend/package-lock.json frontend/package.json
+	cd frontend && npm ci --no-audit --no-fund
+	@touch $@
+
+# build.mjs wipes dist/ first, so the stamp inside it disappears with it.
+$(ASSETS_STAMP): $(NPM_STAMP) frontend/build.mjs $(wildcard frontend/src/*.js)
+	cd frontend && node build.mjs
+	@touch $@
+
+# --- Server -------------------------------------------------------------------
+migrate: venv
+	$(VPY) manage.py migrate --noinput
+
+run: venv assets migrate
+	$(VPY) manage.py lsl_apply catalog/default.yaml
+	$(VPY) manage.py lsl_ensure_admin
+	@docker info >/dev/null 2>&1 || echo "LSL needs a running Docker engine: start one with 'sudo dockerd &' (or 'bash scripts/engine.sh')"
+	exec $(VENV)/bin/daphne -b $(HOST) -p $(PORT) lsl_site.asgi:application
+
+# --- Docker helpers -------------------------------------------------------------
+engine:
+	bash scripts/engine.sh
+
+images:
+	bash scripts/build_test_images.sh
+
+# --- Checks -------------------------------------------------------------------
+test: venv assets
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(VPY) bench/terminal.py
+
+clean:
+	rm -rf frontend/static/frontend/dist frontend/node_modules .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also drops the virtualenv and the cached Debian rootfs (keeps var/ data).
+distclean: clean
+	rm -rf $(VENV) var/cache

@@ -1,0 +1,59 @@
+from django.contrib import admin
+
+from accounts.models import APIToken, Client, Membership, Team
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 1
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "created_at"]
+    search_fields = ["slug", "name"]
+    inlines = [MembershipInline]
+    exclude = ["group"]
+
+    def save_model(self, request, obj, form, change):  # type: ignore[no-untyped-def]
+        # A team always needs its backing group; create it through the service path.
+        if not change:
+            from django.contrib.auth.models import Group
+
+            obj.group = Group.objects.create(name=f"team:{obj.slug}")
+        super().save_model(request, obj, form, change)
+
+    def save_formset(self, request, form, formset, change):  # type: ignore[no-untyped-def]
+        # Memberships edited inline must keep the group in sync (permissions follow the group).
+        from accounts import services
+
+        instances = formset.save(commit=False)
+        for deleted in formset.deleted_objects:
+            services.remove_member(deleted.team, deleted.user)
+        for membership in instances:
+            services.add_member(membership.team, membership.user, membership.role)
+        formset.save_m2m()
+
+
+@admin.register(APIToken)
+class APITokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    search_fields = ["name", "user__username", "prefix"]
+    readonly_fields = ["prefix", "created_at", "last_used_at"]
+    exclude = ["digest"]  # never shown, not even to superusers
+
+    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+        return False  # keys are shown once; create them where they can be shown (API, web, lsl_token)
+
+
+@admin.register(Client)
+class ClientAdmin(admin.ModelAdmin):
+    list_display = ["client_id", "user", "hostname", "version", "remote_addr", "last_seen_at", "online"]
+    search_fields = ["hostname", "user__username", "client_id"]
+    readonly_fields = ["client_id", "user", "hostname", "version", "remote_addr", "first_seen_at", "last_seen_at"]
+
+    @admin.display(boolean=True)
+    def online(self, obj: Client) -> bool:
+        return obj.is_online

@@ -1,0 +1,201 @@
+"""REST API for templates, environments, access grants and monitoring.
+
+Every queryset is filtered by permission first, so an environment the caller
+may not view is a 404 (NetBox style); role checks then decide 403s.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from environments import catalog, runtime, services
+from environments.models import Environment, Role, Status, Template, usable_templates
+from environments.permissions import make_checker, require_role, role_for
+from environments.serializers import (
+    EnvironmentSerializer,
+    EnvironmentUpdateSerializer,
+    GrantSerializer,
+    TemplateSerializer,
+)
+
+
+class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = TemplateSerializer
+    lookup_field = "slug"
+
+    def get_queryset(self) -> QuerySet[Template]:
+        return usable_templates(self.request.user).prefetch_related("teams")
+
+    @extend_schema(responses={200: dict})
+    @action(detail=False, methods=["get"], url_path="schema")
+    def catalog_schema(self, request: Request) -> Response:
+        """The JSON Schema that catalog files are validated against."""
+        return Response(catalog.load_schema())
+
+
+class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                         mixins.UpdateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = EnvironmentSerializer
+    lookup_value_regex = "[0-9a-f-]{32,36}"
+
+    def get_queryset(self) -> QuerySet[Environment]:
+        qs = Environment.objects.visible_to(self.request.user).select_related("owner", "team", "template")
+        params = self.request.query_params
+        if params.get("status"):
+            qs = qs.filter(status=params["status"])
+        if params.get("team"):
+            qs = qs.filter(team__slug=params["team"])
+        if params.get("template"):
+            qs = qs.filter(template__slug=params["template"])
+        if params.get("owner"):
+            qs = qs.filter(owner__username=params["owner"])
+        if params.get("name"):
+            qs = qs.filter(name=params["name"])
+        return qs
+
+    def get_serializer(self, *args: Any, **kwargs: Any) -> Any:
+        serializer = super().get_serializer(*args, **kwargs)
+        if not kwargs.get("many") and "template" in getattr(serializer, "fields", {}):
+            serializer.fields["template"].queryset = usable_templates(self.request.user)
+        return serializer
+
+    def _respond(self, env: Environment, code: int = status.HTTP_200_OK) -> Response:
+        role = role_for(self.request.user, env)
+        return Response(EnvironmentSerializer(env, context={"roles": {env.pk: role}}).data, status=code)
+
+    def _env(self, needed: Role) -> Environment:
+        env = self.get_object()
+        require_role(self.request.user, env, needed)
+        return env
+
+    @extend_schema(parameters=[OpenApiParameter("status", str), OpenApiParameter("team", str),
+                               OpenApiParameter("template", str), OpenApiParameter("owner", str),
+                               OpenApiParameter("name", str)])
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        envs = list(page if page is not None else [])
+        services.reconcile_quietly(envs)
+        checker = make_checker(request.user, envs)
+        roles = {env.pk: role_for(request.user, env, checker) for env in envs}
+        data = EnvironmentSerializer(envs, many=True, context={"roles": roles}).data
+        return self.get_paginated_response(data)
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        env = self.get_object()
+        services.reconcile_quietly([env])
+        return self._respond(env)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        env = services.create_environment(request.user, services.CreateRequest(
+            name=data["name"], template=data["template"], team=data.get("team"),
+            network_mode=data.get("network_mode"), mounts=tuple(data.get("mounts", [])),
+            cpus=data.get("cpus"), memory_mb=data.get("memory_mb"),
+        ))
+        return self._respond(env, status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=EnvironmentUpdateSerializer)
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        env = self._env(Role.ADMIN)
+        serializer = EnvironmentUpdateSerializer(data=request.data, partial=kwargs.get("partial", False))
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        services.update_environment(env, name=data.get("name"), team=data["team"] if "team" in data else ...)
+        return self._respond(env)
+
+    @extend_schema(parameters=[OpenApiParameter("purge", bool, description="Also delete the workspace volume")])
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        env = self._env(Role.ADMIN)
+        purge = str(request.query_params.get("purge", request.data.get("purge", "false") if isinstance(request.data, dict) else "false")).lower() in ("1", "true", "yes")
+        services.delete_environment(env, purge=purge)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses=EnvironmentSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str | None = None) -> Response:
+        return self._respond(services.start_environment(self._env(Role.MEMBER)))
+
+    @extend_schema(request=None, responses=EnvironmentSerializer)
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str | None = None) -> Response:
+        return self._respond(services.stop_environment(self._env(Role.MEMBER)))
+
+    @extend_schema(request=None, responses=EnvironmentSerializer)
+    @action(detail=True, methods=["post"])
+    def restart(self, request: Request, pk: str | None = None) -> Response:
+        return self._respond(services.restart_environment(self._env(Role.MEMBER)))
+
+    @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
+    @action(detail=True, methods=["get", "post"], serializer_class=GrantSerializer)
+    def access(self, request: Request, pk: str | None = None) -> Response:
+        """List grants (viewer role), or grant `{"user"|"team", "role"}` (admin role)."""
+        if request.method == "GET":
+            env = self._env(Role.VIEWER)
+            return Response(GrantSerializer(services.list_access(env), many=True).data)
+        env = self._env(Role.ADMIN)
+        serializer = GrantSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        grant = services.grant_access(env, role=Role.from_name(data["role"]), user=data.get("user"), team=data.get("team"))
+        return Response(GrantSerializer(grant).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={204: None})
+    @action(detail=True, methods=["delete"], url_path=r"access/(?P<grant_id>(user|team)-\d+)")
+    def revoke(self, request: Request, pk: str | None = None, grant_id: str = "") -> Response:
+        env = self._env(Role.ADMIN)
+        if not services.revoke_access(env, grant_id):
+            raise NotFound(f"No grant {grant_id!r} on this environment.")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MonitorView(APIView):
+    """Host figures plus per-environment container stats, for environments the caller may view."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
+        services.reconcile_quietly(envs)
+        running = [env for env in envs if env.status == Status.RUNNING and env.container_id]
+
+        def sample(env: Environment) -> dict[str, Any]:
+            try:
+                return runtime.container_stats(env.container_id)
+            except runtime.EngineError as exc:
+                return {"error": str(exc)}
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            stats = dict(zip([env.pk for env in running], pool.map(sample, running)))
+        disk = psutil.disk_usage("/")
+        memory = psutil.virtual_memory()
+        host = {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "cpu_count": psutil.cpu_count(),
+            "load_average": list(psutil.getloadavg()),
+            "memory_total_bytes": memory.total,
+            "memory_used_bytes": memory.total - memory.available,
+            "disk_total_bytes": disk.total,
+            "disk_used_bytes": disk.used,
+        }
+        try:
+            host["engine"] = runtime.engine_info()
+        except runtime.EngineError as exc:
+            host["engine"] = {"error": str(exc)}
+        environments = [
+            {"id": str(env.id), "name": env.name, "owner": env.owner.username, "template": env.template.slug,
+             "status": env.status, "started_at": env.started_at, "stats": stats.get(env.pk)}
+            for env in envs
+        ]
+        return Response({"host": host, "environments": environments})

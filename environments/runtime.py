@@ -1,0 +1,464 @@
+"""The only module that talks to the Docker engine (Read the Docs style).
+
+It pins the API version, labels everything it creates with ``lsl.*`` labels,
+and turns docker-py exceptions into the domain errors below so that nothing
+else in LSL needs to know about `docker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+LABEL_ENVIRONMENT = "lsl.environment"
+LABEL_OWNER = "lsl.owner"
+LABEL_MANAGED = "lsl.managed"
+LABEL_TEMPLATE = "lsl.template"
+LABEL_INSTANCE = "lsl.instance"  # several LSL servers (or test runs) may share one engine
+
+# A dev shell needs to install packages and switch users; nothing more.
+DEV_SHELL_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE", "AUDIT_WRITE"]
+# Keeps PID 1 alive with no busy loop, in busybox and coreutils images alike.
+KEEPALIVE_COMMAND = ["tail", "-f", "/dev/null"]
+WORKSPACE_PATH = "/workspace"
+
+
+class EngineError(Exception):
+    """The engine refused an operation (conflict, bad parameters…)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot be reached at all."""
+
+
+class ImageNotFound(EngineError):
+    """The image does not exist locally and cannot be pulled."""
+
+
+class ContainerNotFound(EngineError):
+    """The container is gone (removed behind LSL's back)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    environment_id: str
+    owner: str
+    template: str
+    name: str
+    hostname: str
+    image: str
+    cpus: float
+    memory_mb: int
+    pids: int
+    network_mode: str
+    workspace_volume: str
+    binds: list[Mount] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    no_new_privileges: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    container_id: str
+    environment_id: str
+    status: str  # docker's: created, running, paused, restarting, removing, exited, dead
+    started_at: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "restarting", "paused")
+
+
+_client_lock = threading.Lock()
+_clients: dict[str, docker.DockerClient] = {}
+
+
+def _client() -> docker.DockerClient:
+    """One client per configured engine URL (settings may change in tests)."""
+    base_url = settings.LSL_DOCKER_HOST
+    key = f"{base_url}|{settings.LSL_DOCKER_API_VERSION}"
+    with _client_lock:
+        client = _clients.get(key)
+        if client is None:
+            kwargs: dict[str, Any] = {"version": settings.LSL_DOCKER_API_VERSION, "timeout": settings.LSL_DOCKER_TIMEOUT}
+            try:
+                client = docker.DockerClient(base_url=base_url, **kwargs) if base_url else docker.DockerClient.from_env(**kwargs)
+            except docker.errors.DockerException as exc:
+                raise EngineUnavailableError(f"Docker engine is not reachable: {exc}") from exc
+            _clients[key] = client
+        return client
+
+
+def _translate(exc: Exception, what: str) -> EngineError:
+    # docker's APIError subclasses requests' HTTPError (an OSError): check the specific ones first.
+    if isinstance(exc, docker.errors.ImageNotFound):
+        return ImageNotFound(f"image not found: {getattr(exc, 'explanation', exc)}")
+    if isinstance(exc, docker.errors.NotFound):
+        return ContainerNotFound(f"{what}: {getattr(exc, 'explanation', exc)}")
+    if isinstance(exc, docker.errors.APIError):
+        return EngineError(f"{what}: {exc.explanation or exc}")
+    if isinstance(exc, (requests.exceptions.ConnectionError, OSError)):
+        return EngineUnavailableError(f"Docker engine is not reachable ({what}): {exc.__class__.__name__}")
+    if isinstance(exc, docker.errors.DockerException):
+        return EngineUnavailableError(f"Docker engine error ({what}): {exc}")
+    return EngineError(f"{what}: {exc}")
+
+
+class _Guard:
+    """`with _guard("starting container"):` turns docker errors into domain errors."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, EngineError):
+            return False
+        if isinstance(exc, (docker.errors.DockerException, requests.exceptions.RequestException, OSError)):
+            raise _translate(exc, self.what) from exc  # type: ignore[arg-type]
+        return False
+
+
+_guard = _Guard
+
+
+def ping() -> dict[str, Any]:
+    with _guard("pinging engine"):
+        client = _client()
+        client.ping()
+        return client.version()
+
+
+# --- images -------------------------------------------------------------------
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def image_exists(ref: str) -> bool:
+    with _guard(f"inspecting image {ref}"):
+        try:
+            _client().images.get(ref)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """Repository and tag (or digest) of a reference; `latest` when none is given."""
+    if "@" in ref:
+        repo, digest = ref.split("@", 1)
+        return repo, digest
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = ref.rsplit(":", 1)
+        return repo, tag
+    return ref, "latest"
+
+
+def pull_image(ref: str, on_progress: ProgressCallback | None = None) -> None:
+    """Pull `ref`, reporting aggregated byte progress across layers as it streams."""
+    repo, tag = _split_ref(ref)
+    layers: dict[str, dict[str, int]] = {}
+    with _guard(f"pulling {ref}"):
+        try:
+            stream: Iterator[dict[str, Any]] = _client().api.pull(repo, tag=tag, stream=True, decode=True)
+            for event in stream:
+                if "error" in event:
+                    raise ImageNotFound(f"cannot pull {ref}: {event['error']}")
+                layer = event.get("id")
+                detail = event.get("progressDetail") or {}
+                if layer and detail.get("total"):
+                    layers[layer] = {"current": int(detail.get("current", 0)), "total": int(detail["total"])}
+                elif layer and event.get("status") in ("Pull complete", "Already exists", "Download complete"):
+                    if layer in layers:
+                        layers[layer]["current"] = layers[layer]["total"]
+                if on_progress is not None:
+                    current = sum(v["current"] for v in layers.values())
+                    total = sum(v["total"] for v in layers.values())
+                    on_progress({"phase": "pulling", "image": ref, "status": event.get("status", ""),
+                                 "layers": len(layers), "current": current, "total": total})
+        except docker.errors.NotFound as exc:
+            raise ImageNotFound(f"cannot pull {ref}: {exc.explanation or exc}") from exc
+        except docker.errors.APIError as exc:
+            raise ImageNotFound(f"cannot pull {ref}: {exc.explanation or exc}") from exc
+    if not image_exists(ref):
+        raise ImageNotFound(f"cannot pull {ref}: the engine reported success but the image is absent")
+
+
+def remove_image(ref: str) -> None:
+    with _guard(f"removing image {ref}"):
+        try:
+            _client().images.remove(ref, force=True)
+        except docker.errors.ImageNotFound:
+            pass
+
+
+# --- volumes and containers ----------------------------------------------------
+
+def ensure_volume(name: str, labels: dict[str, str]) -> None:
+    with _guard(f"creating volume {name}"):
+        client = _client()
+        try:
+            client.volumes.get(name)
+        except docker.errors.NotFound:
+            client.volumes.create(name=name, labels={**_instance_labels(), **labels})
+
+
+def volume_exists(name: str) -> bool:
+    with _guard(f"inspecting volume {name}"):
+        try:
+            _client().volumes.get(name)
+            return True
+        except docker.errors.NotFound:
+            return False
+
+
+def remove_volume(name: str) -> None:
+    with _guard(f"removing volume {name}"):
+        try:
+            _client().volumes.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def _instance_labels() -> dict[str, str]:
+    return {LABEL_MANAGED: "1", LABEL_INSTANCE: settings.LSL_INSTANCE}
+
+
+def _labels(spec: ContainerSpec) -> dict[str, str]:
+    return {**_instance_labels(), LABEL_ENVIRONMENT: spec.environment_id, LABEL_OWNER: spec.owner, LABEL_TEMPLATE: spec.template}
+
+
+def create_container(spec: ContainerSpec) -> str:
+    """Create (not start) a hardened container for an environment; returns its id."""
+    labels = _labels(spec)
+    ensure_volume(spec.workspace_volume, {LABEL_ENVIRONMENT: spec.environment_id, LABEL_OWNER: spec.owner})
+    mounts = [docker.types.Mount(target=WORKSPACE_PATH, source=spec.workspace_volume, type="volume")]
+    for bind in spec.binds:
+        mounts.append(docker.types.Mount(target=bind.target, source=bind.source, type="bind", read_only=bind.read_only))
+    with _guard(f"creating container {spec.name}"):
+        container = _client().containers.create(
+            image=spec.image,
+            command=KEEPALIVE_COMMAND,
+            name=spec.name,
+            hostname=spec.hostname if spec.network_mode != "host" else None,
+            labels=labels,
+            environment=spec.env,
+            working_dir=WORKSPACE_PATH,
+            mounts=mounts,
+            network_mode=spec.network_mode,
+            init=True,
+            cap_drop=["ALL"],
+            cap_add=DEV_SHELL_CAPABILITIES,
+            security_opt=["no-new-privileges:true"] if spec.no_new_privileges else [],
+            pids_limit=spec.pids,
+            mem_limit=f"{spec.memory_mb}m",
+            memswap_limit=f"{spec.memory_mb}m",
+            nano_cpus=int(spec.cpus * 1e9),
+            detach=True,
+        )
+        return container.id
+
+
+def start_container(container_id: str) -> None:
+    with _guard("starting container"):
+        _client().api.start(container_id)
+
+
+def stop_container(container_id: str, timeout: int = 5) -> None:
+    with _guard("stopping container"):
+        _client().api.stop(container_id, timeout=timeout)
+
+
+def restart_container(container_id: str, timeout: int = 5) -> None:
+    with _guard("restarting container"):
+        _client().api.restart(container_id, timeout=timeout)
+
+
+def remove_container(container_id: str) -> None:
+    with _guard("removing container"):
+        try:
+            _client().api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def inspect_container(container_id: str) -> dict[str, Any]:
+    with _guard("inspecting container"):
+        return _client().api.inspect_container(container_id)
+
+
+def container_state(container_id: str) -> ContainerState | None:
+    """The container's state, or None if it no longer exists."""
+    try:
+        data = inspect_container(container_id)
+    except ContainerNotFound:
+        return None
+    return ContainerState(
+        container_id=data["Id"],
+        environment_id=data["Config"]["Labels"].get(LABEL_ENVIRONMENT, ""),
+        status=data["State"]["Status"],
+        started_at=data["State"].get("StartedAt"),
+    )
+
+
+def list_managed_containers() -> dict[str, ContainerState]:
+    """All LSL containers keyed by environment id, in one engine call (for reconciliation)."""
+    with _guard("listing containers"):
+        raw = _client().api.containers(all=True, filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}"]})
+    states: dict[str, ContainerState] = {}
+    for item in raw:
+        env_id = (item.get("Labels") or {}).get(LABEL_ENVIRONMENT)
+        if env_id:
+            states[env_id] = ContainerState(container_id=item["Id"], environment_id=env_id, status=item["State"])
+    return states
+
+
+def container_stats(container_id: str) -> dict[str, Any]:
+    """One stats sample (no streaming) reduced to the figures LSL reports."""
+    with _guard("reading container stats"):
+        raw = _client().api.stats(container_id, stream=False)
+    cpu = raw.get("cpu_stats", {})
+    pre = raw.get("precpu_stats", {})
+    cpu_delta = cpu.get("cpu_usage", {}).get("total_usage", 0) - pre.get("cpu_usage", {}).get("total_usage", 0)
+    sys_delta = cpu.get("system_cpu_usage", 0) - pre.get("system_cpu_usage", 0)
+    online = cpu.get("online_cpus") or len(cpu.get("cpu_usage", {}).get("percpu_usage") or []) or 1
+    cpu_percent = (cpu_delta / sys_delta) * online * 100.0 if sys_delta > 0 and cpu_delta >= 0 else 0.0
+    mem = raw.get("memory_stats", {})
+    networks = raw.get("networks") or {}
+    return {
+        "cpu_percent": round(cpu_percent, 2),
+        "memory_bytes": int(mem.get("usage", 0)) - int((mem.get("stats") or {}).get("inactive_file", 0)),
+        "memory_limit_bytes": int(mem.get("limit", 0)),
+        "pids": int((raw.get("pids_stats") or {}).get("current", 0)),
+        "network_rx_bytes": sum(int(n.get("rx_bytes", 0)) for n in networks.values()),
+        "network_tx_bytes": sum(int(n.get("tx_bytes", 0)) for n in networks.values()),
+    }
+
+
+# --- exec ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    output: bytes
+
+
+def exec_run(container_id: str, cmd: list[str], *, user: str = "", workdir: str | None = None,
+             environment: dict[str, str] | None = None) -> ExecResult:
+    """Run a command to completion and collect its combined output."""
+    with _guard("running command"):
+        api = _client().api
+        exec_id = api.exec_create(container_id, cmd, user=user, workdir=workdir, environment=environment,
+                                  stdout=True, stderr=True)["Id"]
+        output = api.exec_start(exec_id, stream=False, demux=False) or b""
+        code = api.exec_inspect(exec_id).get("ExitCode")
+    return ExecResult(exit_code=-1 if code is None else int(code), output=output)
+
+
+def exec_stream(container_id: str, cmd: list[str], *, user: str = "", workdir: str | None = None,
+                environment: dict[str, str] | None = None) -> tuple[Iterator[bytes], Callable[[], int]]:
+    """Start a command and return (output chunks, exit-code getter to call after draining)."""
+    with _guard("running command"):
+        api = _client().api
+        exec_id = api.exec_create(container_id, cmd, user=user, workdir=workdir, environment=environment,
+                                  stdout=True, stderr=True)["Id"]
+        chunks = api.exec_start(exec_id, stream=True, demux=False)
+
+    def exit_code() -> int:
+        with _guard("inspecting command"):
+            code = api.exec_inspect(exec_id).get("ExitCode")
+        return -1 if code is None else int(code)
+
+    return chunks, exit_code
+
+
+@dataclass
+class ExecSocket:
+    """A raw, bidirectional TTY socket to an exec.
+
+    `socket_io` is docker-py's read-only SocketIO wrapper: it must stay referenced,
+    or its finaliser closes the underlying socket. Writes go to `sock` directly.
+    """
+
+    exec_id: str
+    socket_io: Any
+    sock: socket.socket
+
+
+def exec_open_tty(container_id: str, cmd: list[str], *, cols: int, rows: int, user: str = "",
+                  workdir: str | None = None, environment: dict[str, str] | None = None) -> ExecSocket:
+    """Create and start a TTY exec, returning its raw socket (blocking; call off the event loop)."""
+    with _guard("opening terminal"):
+        api = _client().api
+        env = {"TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows), **(environment or {})}
+        exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=True,
+                                  user=user, workdir=workdir, environment=env)["Id"]
+        socket_io = api.exec_start(exec_id, tty=True, socket=True)
+        sock = socket_io._sock  # the SocketIO wrapper is read-only; writes need the socket
+        try:
+            api.exec_resize(exec_id, height=rows, width=cols)
+        except docker.errors.APIError:
+            pass  # the process may not have started yet; the first client resize fixes it
+        return ExecSocket(exec_id=exec_id, socket_io=socket_io, sock=sock)
+
+
+def exec_resize(exec_id: str, *, cols: int, rows: int) -> None:
+    with _guard("resizing terminal"):
+        try:
+            _client().api.exec_resize(exec_id, height=rows, width=cols)
+        except docker.errors.APIError as exc:
+            log.debug("resize of exited exec %s ignored: %s", exec_id, exc)
+
+
+def exec_exit_code(exec_id: str) -> int | None:
+    """The exec's exit code, or None while it is still running."""
+    with _guard("inspecting terminal"):
+        data = _client().api.exec_inspect(exec_id)
+    if data.get("Running"):
+        return None
+    code = data.get("ExitCode")
+    return None if code is None else int(code)
+
+
+def remove_instance_resources() -> int:
+    """Remove every container and volume labelled with this instance (test clean-up)."""
+    filters = {"label": f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}"}
+    with _guard("cleaning up"):
+        api = _client().api
+        containers = api.containers(all=True, filters=filters)
+        for item in containers:
+            api.remove_container(item["Id"], force=True)
+        for volume in (api.volumes(filters=filters).get("Volumes") or []):
+            api.remove_volume(volume["Name"], force=True)
+    return len(containers)
+
+
+# --- host --------------------------------------------------------------------------
+
+def engine_info() -> dict[str, Any]:
+    with _guard("reading engine info"):
+        info = _client().info()
+    return {"containers_running": info.get("ContainersRunning", 0), "images": info.get("Images", 0),
+            "server_version": info.get("ServerVersion", ""), "ncpu": info.get("NCPU", 0),
+            "mem_total": info.get("MemTotal", 0)}

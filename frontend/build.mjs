@@ -1,0 +1,55 @@
+// Bundle the browser assets into static/frontend/dist/ (served by Django's
+// staticfiles as "frontend/dist/...").
+//
+//   node build.mjs            one-off production build (minified + sourcemaps)
+//   node build.mjs --watch    rebuild on change (not minified)
+//
+// Each entry in src/ becomes an IIFE bundle dist/<name>.js that adds its
+// libraries to window.LSL; the libraries' CSS files are copied next to them.
+import * as esbuild from "esbuild";
+import { copyFile, mkdir, rm } from "node:fs/promises";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const outdir = path.join(here, "static", "frontend", "dist");
+const watch = process.argv.includes("--watch");
+
+const entries = ["terminal", "player", "monitor"];
+const css = [
+  "node_modules/@xterm/xterm/css/xterm.css",
+  "node_modules/asciinema-player/dist/bundle/asciinema-player.css",
+  "node_modules/uplot/dist/uPlot.min.css",
+];
+
+const options = {
+  absWorkingDir: here,
+  entryPoints: Object.fromEntries(entries.map((name) => [name, `src/${name}.js`])),
+  outdir,
+  bundle: true,
+  format: "iife",
+  platform: "browser",
+  target: ["es2020"],
+  minify: !watch,
+  sourcemap: true,
+  legalComments: "eof",
+  logLevel: "info",
+  define: { "process.env.NODE_ENV": watch ? '"development"' : '"production"' },
+};
+
+async function copyCss() {
+  await Promise.all(css.map((file) => copyFile(path.join(here, file), path.join(outdir, path.basename(file)))));
+}
+
+await rm(outdir, { recursive: true, force: true });
+await mkdir(outdir, { recursive: true });
+await copyCss();
+
+if (watch) {
+  const ctx = await esbuild.context(options);
+  await ctx.watch();
+  console.log(`watching src/ -> ${path.relative(here, outdir)}/`);
+} else {
+  await esbuild.build(options);
+  console.log(`copied ${css.map((f) => path.basename(f)).join(", ")}`);
+}

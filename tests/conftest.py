@@ -1,0 +1,116 @@
+"""Shared fixtures. Engine tests run against the real Docker engine, always.
+
+A missing engine or missing test image is a test *failure* (never a skip):
+the suite exists to prove LSL works against a real engine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_IMAGES = ["lsl-test/busybox:latest", "lsl-test/debian:bookworm"]
+os.environ.setdefault("LSL_INSTANCE", f"test-{os.getpid()}")
+os.environ.setdefault("LSL_THROTTLE_USER", "100000/min")
+os.environ.setdefault("LSL_THROTTLE_ANON", "100000/min")
+os.environ.setdefault("LSL_THROTTLE_LOGIN", "100000/min")
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[None]:
+    from environments import runtime
+
+    try:
+        runtime.ping()
+    except runtime.EngineError as exc:
+        pytest.fail(f"A running Docker engine is required (start one: 'bash scripts/engine.sh'): {exc}", pytrace=False)
+    missing = [image for image in TEST_IMAGES if not runtime.image_exists(image)]
+    if missing:
+        pytest.fail(f"Test images missing: {missing}. Build them with 'make images'.", pytrace=False)
+    yield
+    runtime.remove_instance_resources()
+
+
+@pytest.fixture()
+def catalog(db: Any) -> None:
+    from environments.catalog import apply_catalog
+
+    result = apply_catalog(REPO / "catalog" / "test.yaml")
+    assert not result.problems, result.problems
+
+
+class People:
+    """The base cast (healthchecks style): an owner, a teammate, an outsider, and more roles."""
+
+    def __init__(self) -> None:
+        from django.contrib.auth import get_user_model
+
+        from accounts.services import add_member, create_team
+
+        User = get_user_model()
+        make = lambda name, **kw: User.objects.create_user(name, f"{name}@example.com", "password-" + name, **kw)  # noqa: E731
+        self.owner = make("alice")
+        self.teammate = make("bob")
+        self.outsider = make("mallory")
+        self.viewer = make("victor")
+        self.member = make("meg")
+        self.admin = make("ada")
+        self.staff = make("steve", is_staff=True)
+        self.team = create_team("Platform", owner=self.owner)
+        add_member(self.team, self.teammate)
+
+
+@pytest.fixture()
+def people(db: Any) -> People:
+    return People()
+
+
+def api_client(user: Any | None = None) -> Any:
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client
+
+
+def wait_for_status(env_id: Any, statuses: set[str] | str, timeout: float = 60.0) -> Any:
+    """Poll the row until its status is one of `statuses` (provisioning runs in a job thread)."""
+    from environments.models import Environment
+
+    wanted = {statuses} if isinstance(statuses, str) else statuses
+    deadline = time.monotonic() + timeout
+    while True:
+        env = Environment.objects.get(pk=env_id)
+        if env.status in wanted:
+            return env
+        if time.monotonic() > deadline:
+            raise AssertionError(f"environment {env_id} stuck in {env.status!r} (wanted {wanted}); error={env.last_error!r}")
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def make_env(engine: None, catalog: None, transactional_db: Any) -> Iterator[Any]:
+    """Create a running environment through the service layer; wait for it."""
+    from environments import jobs, services
+    from environments.models import Template
+
+    def make(owner: Any, name: str | None = None, template: str = "busybox", **kwargs: Any) -> Any:
+        req = services.CreateRequest(name=name or f"env-{uuid.uuid4().hex[:6]}", template=Template.objects.get(slug=template), **kwargs)
+        env = services.create_environment(owner, req)
+        return wait_for_status(env.id, {"running", "error"})
+
+    yield make
+    jobs.wait_idle()
+
+
+def docker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=False)
