@@ -6,13 +6,17 @@ may not view is a 404 (NetBox style); role checks then decide 403s.
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
 from django.db.models import QuerySet
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
@@ -20,6 +24,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from environments import catalog, runtime, services
+from lsl_site.errors import Conflict
 from environments.models import Environment, Role, Status, Template, usable_templates
 from environments.permissions import make_checker, require_role, role_for
 from environments.serializers import (
@@ -42,6 +47,19 @@ class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     def catalog_schema(self, request: Request) -> Response:
         """The JSON Schema that catalog files are validated against."""
         return Response(catalog.load_schema())
+
+
+class ExecSerializer(serializers.Serializer):
+    command = serializers.ListField(child=serializers.CharField(), min_length=1, max_length=256)
+    workdir = serializers.CharField(required=False, max_length=4096)
+    env = serializers.DictField(child=serializers.CharField(), required=False)
+
+
+def _exec_lines(chunks: Iterator[bytes], exit_code: Any) -> Iterator[bytes]:
+    """NDJSON: {"o": base64 output}… then {"exit_code": n}. Base64 keeps arbitrary bytes intact."""
+    for chunk in chunks:
+        yield json.dumps({"o": base64.b64encode(chunk).decode()}).encode() + b"\n"
+    yield json.dumps({"exit_code": exit_code()}).encode() + b"\n"
 
 
 class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
@@ -137,6 +155,20 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     @action(detail=True, methods=["post"])
     def restart(self, request: Request, pk: str | None = None) -> Response:
         return self._respond(services.restart_environment(self._env(Role.MEMBER)))
+
+    @extend_schema(request=ExecSerializer, responses={200: dict})
+    @action(detail=True, methods=["post"], url_path="exec", serializer_class=ExecSerializer)
+    def exec_command(self, request: Request, pk: str | None = None) -> StreamingHttpResponse:
+        """Run a command non-interactively (member role); streams NDJSON output, ends with the exit code."""
+        env = self._env(Role.MEMBER)
+        serializer = ExecSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if env.status != Status.RUNNING:
+            raise Conflict(f"the environment is {env.status}, not running", code="not_running")
+        chunks, exit_code = runtime.exec_stream(env.container_id, data["command"], workdir=data.get("workdir"),
+                                                environment=data.get("env"))
+        return StreamingHttpResponse(_exec_lines(chunks, exit_code), content_type="application/x-ndjson")
 
     @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
     @action(detail=True, methods=["get", "post"], serializer_class=GrantSerializer)

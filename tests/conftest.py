@@ -114,3 +114,83 @@ def make_env(engine: None, catalog: None, transactional_db: Any) -> Iterator[Any
 
 def docker_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+# --- live servers (real daphne processes) -------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+def start_daphne(extra_env: dict[str, str] | None = None, name: str = "daphne") -> LiveServer:
+    """Start `daphne lsl_site.asgi:application` on a free port, sharing the test database file."""
+    import sys
+
+    import requests
+    from django.conf import settings
+    from django.db import connection
+
+    port = free_port()
+    log = Path(settings.VAR_DIR) / f"{name}-{port}.log"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "lsl_site.settings",
+        "LSL_DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "LSL_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    handle = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "lsl_site.asgi:application"],
+                            cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{url}/api/v1/config/", timeout=1).status_code in (401, 403):
+                return LiveServer(url, proc, log)
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
+def stop_daphne(server: LiveServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server_proc(django_db_setup: Any, django_db_blocker: Any, engine: None) -> Iterator[LiveServer]:
+    """One daphne for the whole run; tests using it need `transactional_db` so it sees their rows."""
+    with django_db_blocker.unblock():
+        server = start_daphne()
+    yield server
+    stop_daphne(server)
+
+
+def make_token(user: Any, name: str = "test") -> str:
+    from accounts.services import create_token
+
+    return create_token(user, name)[1]

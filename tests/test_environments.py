@@ -176,3 +176,18 @@ def test_list_query_count_does_not_grow(people: Any) -> None:
     add(20)
     many = count()
     assert many == few, f"{few} queries for 2 environments, {many} for 22"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_exec_streams_output_and_exit_code(people: Any, make_env: Any) -> None:
+    import base64
+    import json
+
+    env = make_env(people.owner)
+    response = api_client(people.owner).post(f"/api/v1/environments/{env.id}/exec/",
+                                              {"command": ["sh", "-c", "echo out; echo err >&2; exit 7"]}, format="json")
+    assert response.status_code == 200
+    lines = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    output = b"".join(base64.b64decode(line["o"]) for line in lines if "o" in line)
+    assert b"out\n" in output and b"err\n" in output
+    assert lines[-1] == {"exit_code": 7}
