@@ -411,7 +411,8 @@ def exec_open_tty(container_id: str, cmd: list[str], *, cols: int, rows: int, us
     """Create and start a TTY exec, returning its raw socket (blocking; call off the event loop)."""
     with _guard("opening terminal"):
         api = _client().api
-        env = {"TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows), **(environment or {})}
+        # No COLUMNS/LINES: programs would prefer them to the real (resizable) PTY size.
+        env = {"TERM": "xterm-256color", **(environment or {})}
         exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=True,
                                   user=user, workdir=workdir, environment=env)["Id"]
         socket_io = api.exec_start(exec_id, tty=True, socket=True)

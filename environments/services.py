@@ -227,35 +227,34 @@ def start_environment(env: Environment) -> Environment:
 
 def stop_environment(env: Environment, *, reason: str = "stopped") -> Environment:
     container_id = _require_container(env)
+    # Before the container goes: sessions then end with this reason, not "the shell exited".
+    environment_stopped.send(sender=Environment, environment=env, reason=reason)
     try:
         runtime.stop_container(container_id)
     except runtime.ContainerNotFound:
         pass
     with transaction.atomic():
         _set_status(env, Status.STOPPED, stopped_at=timezone.now())
-        transaction.on_commit(lambda: environment_stopped.send(sender=Environment, environment=env, reason=reason))
     return env
 
 
 def restart_environment(env: Environment) -> Environment:
     container_id = _require_container(env)
+    environment_stopped.send(sender=Environment, environment=env, reason="restarted")
     runtime.restart_container(container_id)
     with transaction.atomic():
         _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="")
-        transaction.on_commit(lambda: environment_stopped.send(sender=Environment, environment=env, reason="restarted"))
     return env
 
 
 def delete_environment(env: Environment, *, purge: bool = False) -> None:
     """Remove the container; the workspace volume is kept unless `purge` (data loss is explicit)."""
+    environment_stopped.send(sender=Environment, environment=env, reason="deleted")
     if env.container_id:
         runtime.remove_container(env.container_id)
     if purge and env.workspace_volume:
         runtime.remove_volume(env.workspace_volume)
-    with transaction.atomic():
-        env_copy = Environment(pk=env.pk, name=env.name, owner_id=env.owner_id)
-        environment_stopped.send(sender=Environment, environment=env_copy, reason="deleted")
-        env.delete()
+    env.delete()
 
 
 def update_environment(env: Environment, *, name: str | None = None, team: Team | None | Any = ...) -> Environment:

@@ -2,7 +2,8 @@
 
 from django.dispatch import Signal
 
-# Sent after an environment's container stopped, went missing, or was deleted.
+# Sent when an environment's container is about to stop, restart or be deleted (before
+# the engine call, so listeners can record why), or was found stopped/missing by reconcile.
 # kwargs: environment (Environment), reason (str: "stopped", "deleted", "missing", "restarted")
 environment_stopped = Signal()
 

@@ -111,7 +111,8 @@ if REDIS_URL:
     }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer",
+                                  "CONFIG": {"capacity": env_int("LSL_CHANNEL_CAPACITY", 1000, minimum=10)}}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 AUTHENTICATION_BACKENDS = [
@@ -180,6 +181,8 @@ LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
 LSL_RECONCILE_TTL = env_float("LSL_RECONCILE_TTL", 2.0, minimum=0)
 LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)
 LSL_SESSION_RECORD_INPUT = env_bool("LSL_SESSION_RECORD_INPUT", False)
+LSL_SESSION_WINDOW = env_int("LSL_SESSION_WINDOW", 1024 * 1024, minimum=4096)  # unacked bytes per participant
+LSL_SESSION_STALL_TIMEOUT = env_float("LSL_SESSION_STALL_TIMEOUT", 60.0, minimum=1)
 LSL_WS_BASE_URL = env_str("LSL_WS_BASE_URL")  # empty: derived from the request
 LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
 

@@ -7,3 +7,6 @@ class TerminalSessionsConfig(AppConfig):
     label = "terminals"
     verbose_name = "Terminal sessions"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from sessions import services  # noqa: F401 - connects the environment_stopped receiver

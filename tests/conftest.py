@@ -1,5 +1,10 @@
 """Shared fixtures. Engine tests run against the real Docker engine, always.
 
+Transactional tests use `django_db(transaction=True, serialized_rollback=True)`:
+a plain flush recreates content types and permissions with new ids, and a
+long-lived daphne process (which caches content-type ids) would then see no
+guardian permissions at all.
+
 A missing engine or missing test image is a test *failure* (never a skip):
 the suite exists to prove LSL works against a real engine.
 """

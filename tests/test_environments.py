@@ -21,7 +21,7 @@ def create_via_api(client: Any, **payload: Any) -> dict[str, Any]:
     return response.json()
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_lifecycle_keeps_workspace_until_purge(people: Any) -> None:
     client = api_client(people.owner)
     data = create_via_api(client, name="dev", template="busybox")
@@ -49,7 +49,7 @@ def test_lifecycle_keeps_workspace_until_purge(people: Any) -> None:
     runtime.remove_volume(volume)
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_container_is_hardened(people: Any, make_env: Any) -> None:
     env = make_env(people.owner, template="busybox")
     info = runtime.inspect_container(env.container_id)
@@ -74,7 +74,7 @@ def test_container_is_hardened(people: Any, make_env: Any) -> None:
     assert pids_max.output.strip() == str(env.pids).encode()
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_host_network_only_where_template_allows(people: Any, make_env: Any) -> None:
     from environments.models import Template
 
@@ -87,7 +87,7 @@ def test_host_network_only_where_template_allows(people: Any, make_env: Any) -> 
     assert runtime.inspect_container(env.container_id)["HostConfig"]["NetworkMode"] == "none"
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_malformed_payload_gets_field_errors(people: Any) -> None:
     client = api_client(people.owner)
     response = client.post("/api/v1/environments/", {"name": "Not A Slug!", "template": "nope", "cpus": "lots",
@@ -100,7 +100,7 @@ def test_malformed_payload_gets_field_errors(people: Any) -> None:
     assert Environment.objects.count() == 0
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_duplicate_name_is_a_clear_400(people: Any, make_env: Any) -> None:
     make_env(people.owner, name="same")
     response = api_client(people.owner).post("/api/v1/environments/", {"name": "same", "template": "busybox"}, format="json")
@@ -108,7 +108,7 @@ def test_duplicate_name_is_a_clear_400(people: Any, make_env: Any) -> None:
     assert "already have an environment named 'same'" in str(response.json()["error"]["fields"]["name"])
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_out_of_band_stop_and_remove_are_reconciled(people: Any, make_env: Any) -> None:
     client = api_client(people.owner)
     stopped = make_env(people.owner, name="stopped-behind-back")
@@ -136,7 +136,7 @@ def test_out_of_band_stop_and_remove_are_reconciled(people: Any, make_env: Any) 
     assert response.json()["container_id"] != removed.container_id
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_engine_unreachable_is_503_not_500(people: Any, make_env: Any, tmp_path: Any) -> None:
     env = make_env(people.owner)
     client = api_client(people.owner)
@@ -150,7 +150,7 @@ def test_engine_unreachable_is_503_not_500(people: Any, make_env: Any, tmp_path:
     assert runtime.container_state(env.container_id).running
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_list_query_count_does_not_grow(people: Any) -> None:
     from environments.models import Role, Template
     from environments.services import grant_access
@@ -178,7 +178,7 @@ def test_list_query_count_does_not_grow(people: Any) -> None:
     assert many == few, f"{few} queries for 2 environments, {many} for 22"
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_exec_streams_output_and_exit_code(people: Any, make_env: Any) -> None:
     import base64
     import json

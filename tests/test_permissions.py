@@ -84,7 +84,7 @@ def grant_roles(env: Environment, people: Any) -> None:
     grant_access(env, role=Role.MEMBER, team=people.team)  # bob is in the team
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_permission_matrix(people: Any, make_env: Any) -> None:
     env = make_env(people.owner, name="matrix")
     grant_roles(env, people)
@@ -110,7 +110,7 @@ def test_permission_matrix(people: Any, make_env: Any) -> None:
     assert not mismatches, "\n".join(mismatches)
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_it_rejects_outsider_without_leaking(people: Any, make_env: Any) -> None:
     env = make_env(people.owner)
     client = api_client(people.outsider)
@@ -123,7 +123,7 @@ def test_it_rejects_outsider_without_leaking(people: Any, make_env: Any) -> None
     assert monitor["environments"] == []
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_revoking_takes_effect_on_next_request(people: Any, make_env: Any) -> None:
     env = make_env(people.owner)
     grant = grant_access(env, role=Role.MEMBER, user=people.teammate)
@@ -135,7 +135,7 @@ def test_revoking_takes_effect_on_next_request(people: Any, make_env: Any) -> No
     assert client.post(f"/api/v1/environments/{env.id}/stop/").status_code == 404
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_team_grant_follows_membership(people: Any, make_env: Any) -> None:
     from accounts.services import remove_member
 
@@ -147,7 +147,7 @@ def test_team_grant_follows_membership(people: Any, make_env: Any) -> None:
     assert client.get(f"/api/v1/environments/{env.id}/").status_code == 404
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_access_list_shows_roles_and_regrant_replaces(people: Any, make_env: Any) -> None:
     env = make_env(people.owner)
     owner = api_client(people.owner)
