@@ -189,6 +189,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             return
         if self.sent - self.acked > self.window:
             self.paused_since = time.monotonic()  # stop feeding it; resync once it catches up
+            log.info("session %s: %s fell %d bytes behind, pausing", self.session_id, self.user, self.sent - self.acked)
             return
         self.sent += len(data)
         await self.send(bytes_data=data)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -355,8 +356,10 @@ async def ensure_hub(session_id: str) -> str:
     hub = HUBS.get(session_id)
     if hub is not None and not hub.finished.is_set():
         return hub.channel
-    layer = get_channel_layer()
-    channel = await layer.new_channel("hub.")
+    # A plain (not process-local "!") channel: channels-redis serves process-local
+    # channels through one shared receive loop, and a hub that receives there next
+    # to its own consumers starved them in testing. One reader per plain channel is fine.
+    channel = f"lslhub.{uuid.UUID(session_id).hex}.{uuid.uuid4().hex[:12]}"
     outcome = await database_sync_to_async(services.claim_hub)(session_id, channel)
     session = await database_sync_to_async(TerminalSession.objects.select_related("environment").get)(pk=session_id)
     if outcome == "remote":

@@ -23,10 +23,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_IMAGES = ["lsl-test/busybox:latest", "lsl-test/debian:bookworm"]
-os.environ.setdefault("LSL_INSTANCE", f"test-{os.getpid()}")
-os.environ.setdefault("LSL_THROTTLE_USER", "100000/min")
-os.environ.setdefault("LSL_THROTTLE_ANON", "100000/min")
-os.environ.setdefault("LSL_THROTTLE_LOGIN", "100000/min")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from websockets.sync.client import connect
 from sessions.screen import AltScreen
 
 
+ACK_EVERY = 64 * 1024
+
+
 class TermClient:
     """Connects, reads in a background thread, acks what it consumes and renders the screen with pyte."""
 
@@ -35,6 +38,7 @@ class TermClient:
         self.closed = threading.Event()
         self.close_code: int | None = None
         self._expect_snapshot = False
+        self._acked = 0
         self._cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -54,7 +58,9 @@ class TermClient:
                             self.output += message
                             if self.render:
                                 self.stream.feed(message)
-                        if self.auto_ack:
+                        # Ack in batches, as a real client would (the protocol asks for one every window/2).
+                        if self.auto_ack and self.received - self._acked >= ACK_EVERY:
+                            self._acked = self.received
                             self.ws.send(json.dumps({"type": "ack", "bytes": self.received}))
                     else:
                         event = json.loads(message)
@@ -90,7 +96,16 @@ class TermClient:
                 self._cond.wait(min(remaining, 0.2))
 
     def wait_output(self, needle: bytes, timeout: float = 15.0) -> None:
-        self.wait(lambda c: needle in c.output, timeout, f"output {needle!r}")
+        # Search only what arrived since the last look: floods are tens of MB.
+        scanned = 0
+
+        def found(c: "TermClient") -> bool:
+            nonlocal scanned
+            hit = c.output.find(needle, max(0, scanned - len(needle))) >= 0
+            scanned = len(c.output)
+            return hit
+
+        self.wait(found, timeout, f"output {needle!r}")
 
     def wait_event(self, kind: str, timeout: float = 15.0, **match: Any) -> dict[str, Any]:
         def found(c: "TermClient") -> bool:

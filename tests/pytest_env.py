@@ -1,0 +1,12 @@
+"""Loaded with `-p tests.pytest_env` (pytest.ini) so it runs before pytest-django imports the settings.
+
+Setting these in conftest.py would be too late: the settings would already hold
+the defaults, and test clean-up would remove the "default" instance's containers.
+"""
+
+import os
+
+os.environ.setdefault("LSL_INSTANCE", f"test-{os.getpid()}")
+os.environ.setdefault("LSL_THROTTLE_USER", "100000/min")
+os.environ.setdefault("LSL_THROTTLE_ANON", "100000/min")
+os.environ.setdefault("LSL_THROTTLE_LOGIN", "100000/min")

@@ -1,0 +1,145 @@
+"""Sessions under load and across processes: backpressure, two daphnes + redis, idle timeout."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.conftest import free_port, start_daphne, stop_daphne
+from tests.test_sessions import Cast
+from tests.wsclient import TermClient
+
+pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
+
+FLOOD_MB = int(os.environ.get("LSL_FLOOD_MB", "50"))  # the issue's `yes | head -c 50M`; smaller only for debugging
+FLOOD = f"printf '%s\\n' ST''ART; yes | head -c {FLOOD_MB}M; printf '%s\\n' EN''D\r"
+FLOOD_LINES = FLOOD_MB * 1024 * 1024 // 2
+
+
+class StalledClient:
+    """Completes the websocket handshake, then never reads another byte."""
+
+    def __init__(self, ws_url: str, token: str) -> None:
+        url = urlparse(ws_url)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect((url.hostname, url.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (f"GET {url.path}?client=cli HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   f"Authorization: Token {token}\r\n\r\n")
+        self.sock.sendall(request.encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flood_once(cast: Cast, session: dict[str, Any]) -> tuple[float, bytes]:
+    """Run the flood with a fresh healthy participant; return (seconds, what it saw between the markers)."""
+    healthy = cast.join(session, "alice", render=False)
+    healthy.output.clear()
+    healthy.send_input(FLOOD)
+    healthy.wait_output(b"START\r\n", timeout=30)
+    started = time.monotonic()
+    healthy.wait_output(b"END\r\n", timeout=180)
+    elapsed = time.monotonic() - started
+    output = bytes(healthy.output)
+    healthy.close()
+    begin = output.index(b"START\r\n") + len(b"START\r\n")
+    return elapsed, output[begin:output.index(b"END\r\n", begin)]
+
+
+def test_stalled_participant_does_not_slow_others(cast_debian: Cast) -> None:
+    cast = cast_debian
+    session = cast.open_session()
+    baseline, data = flood_once(cast, session)
+    assert data == b"y\r\n" * FLOOD_LINES, "bytes lost or reordered without a stalled participant"
+
+    stalled = StalledClient(session["ws_url"], cast.tokens["bob"])
+    with_stall, data = flood_once(cast, session)
+    assert data == b"y\r\n" * FLOOD_LINES, "bytes lost or reordered for the healthy participant"
+    stalled.close()
+    ratio = baseline / with_stall
+    print(f"flood: alone {baseline:.2f}s, with a stalled participant {with_stall:.2f}s (throughput ratio {ratio:.2f})")
+    assert ratio >= 0.9, f"a stalled participant cut throughput to {ratio:.0%}"
+
+
+@pytest.fixture()
+def cast_debian(people: Any, make_env: Any, live_server_proc: Any) -> Cast:
+    return Cast(people, make_env, live_server_proc, template="debian")
+
+
+@pytest.fixture()
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start (apt-get install redis-server)", pytrace=False)
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_participants_on_two_processes_share_a_session(people: Any, make_env: Any, redis_url: str) -> None:
+    env = {"LSL_REDIS_URL": redis_url}
+    first, second = start_daphne(env, "daphne-a"), start_daphne(env, "daphne-b")
+    try:
+        on_first = Cast(people, make_env, first)
+        session = on_first.open_session()
+        alice = on_first.join(session, "alice")  # the PTY now lives in the first process
+        bob_url = session["ws_url"].replace(first.ws_url, second.ws_url)
+        bob = TermClient(bob_url, token=on_first.tokens["bob"])
+        bob.wait_event("snapshot")
+        alice.send_input("printf 'from-%s\\n' alice\r")
+        bob.wait_output(b"from-alice\r\n")
+        bob.send_input("printf 'from-%s\\n' bob\r")
+        alice.wait_output(b"from-bob\r\n")
+        presence = alice.wait(lambda c: any(e["type"] == "presence" and len(e["participants"]) == 2 for e in c.events),
+                              what="both in presence")
+        del presence
+        bob.send_input("exit 5\r")
+        assert alice.wait_event("exit")["code"] == 5
+        assert bob.wait_event("exit")["code"] == 5
+    finally:
+        stop_daphne(first)
+        stop_daphne(second)
+
+
+def test_idle_session_ends_after_timeout_but_survives_short_absence(people: Any, make_env: Any) -> None:
+    server = start_daphne({"LSL_SESSION_IDLE_TIMEOUT": "2"}, "daphne-idle")
+    try:
+        cast = Cast(people, make_env, server)
+        session = cast.open_session()
+        alice = cast.join(session, "alice")
+        alice.close()
+        time.sleep(1)
+        bob = cast.join(session, "bob")  # back within the timeout: still the same shell
+        bob.close()
+        deadline = time.monotonic() + 10
+        while cast.api("alice", "get", f"sessions/{session['id']}/").json()["live"]:
+            assert time.monotonic() < deadline, "idle session was never ended"
+            time.sleep(0.2)
+        assert cast.api("alice", "get", f"sessions/{session['id']}/").json()["end_reason"] == "idle"
+    finally:
+        stop_daphne(server)
