@@ -1,5 +1,5 @@
-// Placeholder entry point for session replay: bundles asciinema-player and
-// exposes it as window.LSL.AsciinemaPlayer (use AsciinemaPlayer.create(src, el, opts)).
+// Entry point for the replay page: bundles asciinema-player and exposes it as
+// window.LSL.AsciinemaPlayer (the page calls AsciinemaPlayer.create(url, el, opts)).
 import * as AsciinemaPlayer from "asciinema-player";
 
 window.LSL = Object.assign(window.LSL || {}, { AsciinemaPlayer });

@@ -1,0 +1,357 @@
+"""The server-rendered web app.
+
+Every page starts from what the user may see: `Environment.objects.visible_to`
+filters lists, and `role_for` decides which controls are rendered and which
+POSTs are allowed. An environment the user cannot view is a 404, exactly like
+the API. All writes go through the services modules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.db.models import Prefetch, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+from rest_framework.exceptions import ValidationError as ServiceValidationError
+
+from accounts import services as account_services
+from accounts.models import APIToken, Membership, Team, TeamRole
+from environments import runtime, services
+from environments.models import Environment, Role, Status
+from environments.permissions import make_checker, role_for
+from frontend.forms import EnvironmentCreateForm, MemberForm, ShareForm, ThrottledAuthenticationForm, TokenCreateForm
+from sessions.models import Participation, TerminalSession
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "frontend/login.html"
+    authentication_form = ThrottledAuthenticationForm
+    redirect_authenticated_user = True
+
+
+# --- helpers -----------------------------------------------------------------------
+
+def _service_errors(exc: ServiceValidationError) -> list[str]:
+    """Flatten a services ValidationError ({"field": ["msg"]} or ["msg"]) into readable lines."""
+    detail = exc.detail
+    if isinstance(detail, dict):
+        lines = []
+        for field, msgs in detail.items():
+            for msg in msgs if isinstance(msgs, list) else [msgs]:
+                lines.append(str(msg) if field == "non_field_errors" else f"{field}: {msg}")
+        return lines
+    return [str(msg) for msg in (detail if isinstance(detail, list) else [detail])]
+
+
+def _visible_environment(request: HttpRequest, env_id: uuid.UUID) -> tuple[Environment, Role]:
+    """The environment and the caller's role, or 404 when they may not view it (never 403: no leak)."""
+    qs = Environment.objects.visible_to(request.user).select_related("owner", "team", "template")
+    env = get_object_or_404(qs, pk=env_id)
+    role = role_for(request.user, env)
+    if role is None:
+        raise Http404("No such environment.")
+    return env, role
+
+
+def _require(role: Role, needed: Role) -> None:
+    if role < needed:
+        raise PermissionDenied(f"This needs the {needed.label} role on the environment; you are {role.label}.")
+
+
+def _live_sessions_by_environment(envs: list[Environment]) -> dict[uuid.UUID, list[TerminalSession]]:
+    """Live sessions of `envs` with who is attached right now (`live_participations`), in two queries."""
+    attached = Participation.objects.filter(left_at__isnull=True).select_related("user").order_by("joined_at")
+    live = (TerminalSession.objects.filter(environment__in=envs, ended_at__isnull=True)
+            .select_related("creator")
+            .prefetch_related(Prefetch("participations", queryset=attached, to_attr="live_participations")))
+    by_env: dict[uuid.UUID, list[TerminalSession]] = {}
+    for session in live:
+        by_env.setdefault(session.environment_id, []).append(session)
+    return by_env
+
+
+# --- dashboard ---------------------------------------------------------------------
+
+def _dashboard_context(request: HttpRequest, form: EnvironmentCreateForm | None = None) -> dict[str, Any]:
+    user = request.user
+    visible = Environment.objects.visible_to(user).select_related("owner", "team", "template")
+    # Filter choices come from what the user can already see, so they reveal nothing new.
+    team_slugs = sorted({slug for slug in visible.values_list("team__slug", flat=True) if slug})
+    template_slugs = sorted(set(visible.values_list("template__slug", flat=True)))
+    filters = {key: request.GET.get(key, "") for key in ("status", "team", "template")}
+    envs_qs: QuerySet[Environment] = visible
+    if filters["status"]:
+        envs_qs = envs_qs.filter(status=filters["status"])
+    if filters["team"]:
+        envs_qs = envs_qs.filter(team__slug=filters["team"])
+    if filters["template"]:
+        envs_qs = envs_qs.filter(template__slug=filters["template"])
+    envs = list(envs_qs)
+    services.reconcile_quietly(envs)
+    checker = make_checker(user, envs)
+    live = _live_sessions_by_environment(envs)
+    rows = [{"env": env, "role": role_for(user, env, checker), "sessions": live.get(env.pk, [])} for env in envs]
+    return {
+        "rows": rows,
+        "filters": filters,
+        "status_choices": Status.choices,
+        "team_choices": team_slugs,
+        "template_choices": template_slugs,
+        "form": form or EnvironmentCreateForm(user=user),
+    }
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    return render(request, "frontend/dashboard.html", _dashboard_context(request))
+
+
+@login_required
+def environment_create(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return redirect("dashboard")
+    form = EnvironmentCreateForm(request.POST, user=request.user)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            env = services.create_environment(request.user, services.CreateRequest(
+                name=data["name"], template=data["template"], team=data["team"],
+                network_mode=data["network_mode"] or None,
+            ))
+        except ServiceValidationError as exc:
+            detail = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
+            for field, msgs in detail.items():
+                target = field if field in form.fields else None
+                for msg in msgs if isinstance(msgs, list) else [msgs]:
+                    form.add_error(target, str(msg))
+        else:
+            messages.success(request, f"Creating {env.name} from {env.template.slug}…")
+            return redirect("environment", env_id=env.id)
+    return render(request, "frontend/dashboard.html", _dashboard_context(request, form), status=400)
+
+
+# --- one environment ---------------------------------------------------------------
+
+@login_required
+def environment_detail(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    env, role = _visible_environment(request, env_id)
+    # Same cheap reconcile as the API, so the rendered status matches what the page's poll will see.
+    if env.status != Status.CREATING:
+        services.reconcile_quietly([env])
+    context = {
+        "env": env,
+        "role": role,
+        "can_use": role >= Role.MEMBER,
+        "can_admin": role >= Role.ADMIN,
+        "grants": services.list_access(env),
+        "share_form": ShareForm() if role >= Role.ADMIN else None,
+    }
+    return render(request, "frontend/environment.html", context)
+
+
+ACTIONS = {
+    "start": (services.start_environment, "started"),
+    "stop": (services.stop_environment, "stopped"),
+    "restart": (services.restart_environment, "restarted"),
+}
+
+
+@login_required
+@require_POST
+def environment_action(request: HttpRequest, env_id: uuid.UUID, action: str) -> HttpResponse:
+    if action not in ACTIONS:
+        raise Http404("No such action.")
+    env, role = _visible_environment(request, env_id)
+    _require(role, Role.MEMBER)
+    service, done = ACTIONS[action]
+    try:
+        service(env)
+    except runtime.EngineError as exc:
+        messages.error(request, f"Could not {action} {env.name}: {exc}")
+    else:
+        messages.success(request, f"{env.name} {done}.")
+    return redirect("environment", env_id=env.id)
+
+
+@login_required
+def environment_delete(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    """GET: the confirmation page (with the purge choice). POST: delete."""
+    env, role = _visible_environment(request, env_id)
+    _require(role, Role.ADMIN)
+    if request.method != "POST":
+        return render(request, "frontend/environment_delete.html", {"env": env})
+    purge = request.POST.get("purge") == "on"
+    name = env.name
+    try:
+        services.delete_environment(env, purge=purge)
+    except runtime.EngineError as exc:
+        messages.error(request, f"Could not delete {name}: {exc}")
+        return redirect("environment", env_id=env_id)
+    messages.success(request, f"{name} deleted" + (" with its workspace." if purge else "; its workspace volume was kept."))
+    return redirect("dashboard")
+
+
+@login_required
+@require_POST
+def environment_share(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    env, role = _visible_environment(request, env_id)
+    _require(role, Role.ADMIN)
+    form = ShareForm(request.POST)
+    if not form.is_valid():
+        for field_errors in form.errors.values():
+            for error in field_errors:
+                messages.error(request, error)
+        return redirect("environment", env_id=env.id)
+    data = form.cleaned_data
+    subject = data["subject"]
+    kwargs = {"user": subject} if data["kind"] == "user" else {"team": subject}
+    try:
+        grant = services.grant_access(env, role=Role.from_name(data["role"]), **kwargs)
+    except ServiceValidationError as exc:
+        for line in _service_errors(exc):
+            messages.error(request, line)
+    else:
+        messages.success(request, f"{grant.kind.title()} {grant.name} is now {grant.role.label} of {env.name}.")
+    return redirect("environment", env_id=env.id)
+
+
+@login_required
+@require_POST
+def environment_revoke(request: HttpRequest, env_id: uuid.UUID, grant_id: str) -> HttpResponse:
+    env, role = _visible_environment(request, env_id)
+    _require(role, Role.ADMIN)
+    if services.revoke_access(env, grant_id):
+        messages.success(request, "Access revoked.")
+    else:
+        messages.error(request, "There was no such grant.")
+    return redirect("environment", env_id=env.id)
+
+
+# --- terminal sessions ---------------------------------------------------------------
+
+def _session_environment(request: HttpRequest, session_id: uuid.UUID) -> tuple[TerminalSession, Environment, Role]:
+    """The terminal session, its environment and the caller's role; 404 unless they may view it."""
+    session = get_object_or_404(TerminalSession.objects.select_related("creator"), pk=session_id)
+    if session.environment_id is None:
+        # Its environment was deleted: nobody's role can be checked any more (the API answers 404 too).
+        raise Http404("No such session.")
+    env, role = _visible_environment(request, session.environment_id)
+    return session, env, role
+
+
+@login_required
+def terminal(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
+    session, env, role = _session_environment(request, session_id)
+    return render(request, "frontend/terminal.html", {"session": session, "env": env, "role": role})
+
+
+@login_required
+def replay(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
+    session, env, role = _session_environment(request, session_id)
+    return render(request, "frontend/replay.html",
+                  {"session": session, "env": env, "role": role, "can_use": role >= Role.MEMBER})
+
+
+# --- teams -----------------------------------------------------------------------------
+
+def _can_manage(user: Any, team: Team) -> bool:
+    if user.is_superuser:
+        return True
+    return team.memberships.filter(user=user, role__in=[TeamRole.OWNER, TeamRole.MAINTAINER]).exists()
+
+
+def _team_for_manager(request: HttpRequest, slug: str) -> Team:
+    team = get_object_or_404(_my_teams(request.user), slug=slug)
+    if not _can_manage(request.user, team):
+        raise PermissionDenied("Only the team's owners and maintainers manage its members.")
+    return team
+
+
+def _my_teams(user: Any) -> QuerySet[Team]:
+    qs = Team.objects.prefetch_related("memberships__user")
+    return qs if user.is_superuser else qs.filter(memberships__user=user).distinct()
+
+
+@login_required
+def teams(request: HttpRequest) -> HttpResponse:
+    rows = [{"team": team, "manage": _can_manage(request.user, team),
+             "members": sorted(team.memberships.all(), key=lambda m: m.user.username)}
+            for team in _my_teams(request.user)]
+    return render(request, "frontend/teams.html", {"rows": rows, "member_form": MemberForm()})
+
+
+@login_required
+@require_POST
+def team_add_member(request: HttpRequest, slug: str) -> HttpResponse:
+    team = _team_for_manager(request, slug)
+    form = MemberForm(request.POST)
+    if form.is_valid():
+        user, role = form.cleaned_data["username"], form.cleaned_data["role"]
+        account_services.add_member(team, user, role)
+        messages.success(request, f"{user.username} is now {role} of {team.name}.")
+    else:
+        for errors in form.errors.values():
+            for error in errors:
+                messages.error(request, error)
+    return redirect("teams")
+
+
+@login_required
+@require_POST
+def team_remove_member(request: HttpRequest, slug: str, username: str) -> HttpResponse:
+    team = _team_for_manager(request, slug)
+    membership = get_object_or_404(Membership.objects.select_related("user"), team=team, user__username=username)
+    owners = team.memberships.filter(role=TeamRole.OWNER)
+    if membership.role == TeamRole.OWNER and owners.count() == 1:
+        # A team without an owner could only be repaired in the admin.
+        messages.error(request, f"{username} is the last owner of {team.name}; make someone else owner first.")
+        return redirect("teams")
+    account_services.remove_member(team, membership.user)
+    messages.success(request, f"{username} removed from {team.name}.")
+    return redirect("teams")
+
+
+# --- API tokens ----------------------------------------------------------------------------
+
+def _tokens_page(request: HttpRequest, form: TokenCreateForm, status: int = 200) -> HttpResponse:
+    tokens = APIToken.objects.filter(user=request.user)
+    return render(request, "frontend/tokens.html", {"tokens": tokens, "form": form}, status=status)
+
+
+@login_required
+def tokens(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _tokens_page(request, TokenCreateForm())
+    form = TokenCreateForm(request.POST)
+    if form.is_valid():
+        name = form.cleaned_data["name"]
+        days = form.cleaned_data["expires_in_days"]
+        if APIToken.objects.filter(user=request.user, name=name, revoked_at__isnull=True).exists():
+            form.add_error("name", f"You already have a live token named {name!r}.")
+        else:
+            expires_at = timezone.now() + timedelta(days=days) if days else None
+            token, key = account_services.create_token(request.user, name, expires_at=expires_at)
+            # Rendered directly (no redirect): the key must never be stored anywhere, not even in a message.
+            response = render(request, "frontend/token_created.html", {"token": token, "key": key})
+            response["Cache-Control"] = "no-store"
+            return response
+    return _tokens_page(request, form, status=400)
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    token = get_object_or_404(APIToken, pk=token_id, user=request.user)
+    account_services.revoke_token(token)
+    messages.success(request, f"Token {token.name} revoked.")
+    return redirect("tokens")
+
