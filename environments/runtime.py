@@ -187,11 +187,12 @@ def pull_image(ref: str, on_progress: ProgressCallback | None = None) -> None:
                     raise ImageNotFound(f"cannot pull {ref}: {event['error']}")
                 layer = event.get("id")
                 detail = event.get("progressDetail") or {}
-                if layer and detail.get("total"):
+                status = event.get("status", "")
+                # Count download bytes only: "Extracting" restarts its own counter per layer.
+                if layer and status == "Downloading" and detail.get("total"):
                     layers[layer] = {"current": int(detail.get("current", 0)), "total": int(detail["total"])}
-                elif layer and event.get("status") in ("Pull complete", "Already exists", "Download complete"):
-                    if layer in layers:
-                        layers[layer]["current"] = layers[layer]["total"]
+                elif layer and layer in layers and status in ("Download complete", "Verifying Checksum", "Pull complete"):
+                    layers[layer]["current"] = layers[layer]["total"]
                 if on_progress is not None:
                     current = sum(v["current"] for v in layers.values())
                     total = sum(v["total"] for v in layers.values())

@@ -169,28 +169,38 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
 
 
 class _ProgressWriter:
-    """Writes pull progress to the row at most every `interval` seconds (avoids a write per layer event)."""
+    """Writes pull progress to the row at most every `interval` seconds (not a write per layer event),
+    and remembers the last figures so the summary survives the pull."""
 
-    def __init__(self, env: Environment, interval: float = 0.3) -> None:
-        self.env, self.interval, self.last = env, interval, 0.0
+    def __init__(self, env: Environment, interval: float = 0.1) -> None:
+        self.env, self.interval, self.last_write = env, interval, 0.0
+        self.latest: dict[str, Any] = {}
 
     def __call__(self, progress: dict[str, Any]) -> None:
+        self.latest = progress
         now = time.monotonic()
-        if now - self.last < self.interval:
+        if now - self.last_write < self.interval:
             return
-        self.last = now
+        self.last_write = now
         Environment.objects.filter(pk=self.env.pk).update(progress=progress, updated_at=timezone.now())
         environment_changed.send(sender=Environment, environment=self.env)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return {"image": self.env.image, "bytes": self.latest.get("total", 0), "layers": self.latest.get("layers", 0)}
 
 
 def provision_environment(env_id: uuid.UUID) -> None:
     """Pull (if needed), create and start the container. Runs in a background job."""
     env = Environment.objects.select_related("template", "owner").get(pk=env_id)
+    pulled: dict[str, Any] = {}
     try:
         if not runtime.image_exists(env.image):
             Environment.objects.filter(pk=env.pk).update(progress={"phase": "pulling", "image": env.image, "current": 0, "total": 0})
-            runtime.pull_image(env.image, _ProgressWriter(env))
-        Environment.objects.filter(pk=env.pk).update(progress={"phase": "creating"})
+            writer = _ProgressWriter(env)
+            runtime.pull_image(env.image, writer)
+            pulled = {"pulled": writer.summary}
+        Environment.objects.filter(pk=env.pk).update(progress={"phase": "creating", **pulled})
         container_id = runtime.create_container(_spec(env))
         Environment.objects.filter(pk=env.pk).update(container_id=container_id)
         runtime.start_container(container_id)
@@ -202,7 +212,7 @@ def provision_environment(env_id: uuid.UUID) -> None:
         return
     env.refresh_from_db()
     with transaction.atomic():
-        _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", progress={"phase": "ready"})
+        _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", progress={"phase": "ready", **pulled})
 
 
 def _require_container(env: Environment) -> str:
