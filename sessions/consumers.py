@@ -82,6 +82,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.expected_offset: int | None = None  # None until the first snapshot arrives
         self.paused_since: float | None = None
         self.awaiting_snapshot = False
+        self.held: list[tuple[int, bytes]] = []
+        self.held_bytes = 0
+        self.held_overflow = False
         self._last_denied = 0.0
         await self.accept()
         if session.ended_at is not None:
@@ -165,22 +168,30 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.acked = max(self.acked, value)
         if self.paused_since is not None and not self.awaiting_snapshot and self.acked == self.sent:
             # Caught up with everything it was sent: redraw from the current screen.
-            self.awaiting_snapshot = True
-            await self._to_hub("hub.snapshot")
+            await self._request_snapshot()
 
     # --- hub → client (channel-layer handlers) -----------------------------------------
 
     async def term_output(self, event: dict[str, Any]) -> None:
-        if self.awaiting_snapshot or self.expected_offset is None:
-            return  # the snapshot being prepared covers this
         offset, data = event["offset"], event["data"]
+        if self.awaiting_snapshot or self.expected_offset is None:
+            # The snapshot on its way was taken at some offset we don't know yet:
+            # keep what arrives meanwhile (bounded) and replay the part past it.
+            if self.held_bytes + len(data) <= self.window:
+                self.held.append((offset, data))
+                self.held_bytes += len(data)
+            else:
+                self.held_overflow = True
+            return
+        await self._deliver(offset, data)
+
+    async def _deliver(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
-        if end <= self.expected_offset:
+        if self.expected_offset is None or end <= self.expected_offset:
             return  # already covered by a snapshot
         if offset > self.expected_offset:
             log.info("session %s: gap %d..%d for %s, resyncing", self.session_id, self.expected_offset, offset, self.channel_name)
-            self.awaiting_snapshot = True
-            await self._to_hub("hub.snapshot")
+            await self._request_snapshot()
             return
         data = data[self.expected_offset - offset:]
         self.expected_offset = end
@@ -194,6 +205,11 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.sent += len(data)
         await self.send(bytes_data=data)
 
+    async def _request_snapshot(self) -> None:
+        self.awaiting_snapshot = True
+        self.held, self.held_bytes, self.held_overflow = [], 0, False
+        await self._to_hub("hub.snapshot")
+
     def _check_stalled(self) -> None:
         if self.paused_since is not None and time.monotonic() - self.paused_since > settings.LSL_SESSION_STALL_TIMEOUT:
             asyncio.create_task(self._kick_slow())
@@ -205,15 +221,21 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.close(code=4408)
 
     async def term_snapshot(self, event: dict[str, Any]) -> None:
-        if event["offset"] < (self.expected_offset or 0) and not self.awaiting_snapshot:
-            return
+        if not self.awaiting_snapshot:
+            return  # a duplicate answer to an earlier request
+        held, overflow = self.held, self.held_overflow
         self.awaiting_snapshot = False
+        self.held, self.held_bytes, self.held_overflow = [], 0, False
         self.paused_since = None
         self.expected_offset = event["offset"]
         data = event["data"]
         await self._send_json({"type": "snapshot", "cols": event["cols"], "rows": event["rows"], "bytes": len(data)})
         self.sent += len(data)
         await self.send(bytes_data=data)
+        for offset, chunk in held:
+            await self._deliver(offset, chunk)
+        if overflow and not self.awaiting_snapshot:
+            await self._request_snapshot()  # some output was not kept: redraw again
 
     async def term_control(self, event: dict[str, Any]) -> None:
         await self._send_json(event["payload"])

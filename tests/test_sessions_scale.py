@@ -143,3 +143,26 @@ def test_idle_session_ends_after_timeout_but_survives_short_absence(people: Any,
         assert cast.api("alice", "get", f"sessions/{session['id']}/").json()["end_reason"] == "idle"
     finally:
         stop_daphne(server)
+
+
+def test_slow_reader_is_resynced_to_the_final_screen(people: Any, make_env: Any) -> None:
+    """A reader that acks late falls behind a small window, gets snapshots, and still ends on the true screen
+    (output produced while a snapshot is being prepared must not be lost)."""
+    server = start_daphne({"LSL_SESSION_WINDOW": "16384", "LSL_SESSION_STALL_TIMEOUT": "5"}, "daphne-slow")
+    try:
+        cast = Cast(people, make_env, server)
+        session = cast.open_session()
+        slow = TermClient(session["ws_url"], token=cast.tokens["alice"], auto_ack=False)
+        slow.wait_event("snapshot")
+        slow.send_json({"type": "ack", "bytes": slow.received})
+        slow.send_input("seq 1 100000; echo end-of-$((6*7))\r")
+        deadline = time.monotonic() + 30
+        while "end-of-42" not in "\n".join(slow.text()):
+            assert time.monotonic() < deadline, f"stuck on {slow.text()[-3:]}"
+            time.sleep(0.3)
+            slow.send_json({"type": "ack", "bytes": slow.received})
+        assert sum(1 for e in slow.events if e["type"] == "snapshot") > 1, "the reader never fell behind"
+        assert not slow.closed.is_set()
+        slow.close()
+    finally:
+        stop_daphne(server)

@@ -1,0 +1,720 @@
+"""The `lsl` command: click commands over `lsl.client.Client`.
+
+Commands return an int exit code (or None for 0); `main()` turns `LslError`s
+into one `lsl: error: ...` line and their exit code, never a traceback unless
+`--debug` (or LSL_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from lsl import __version__, config as configfile
+from lsl.client import Client
+from lsl.errors import EXIT_CODES_HELP, USAGE, AuthError, LslError, NotFound, ServerError, UsageFailure
+from lsl.output import ago, details, err, human_bytes, print_json, table
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class State:
+    """Per-invocation state: global flags, and the config/client loaded only when a command needs them."""
+
+    def __init__(self, debug: bool, as_json: bool) -> None:
+        self.debug = debug
+        self.json = as_json
+        self._client: Client | None = None
+        self._config: configfile.Config | None = None
+
+    @property
+    def config(self) -> configfile.Config:
+        if self._config is None:
+            self._config = configfile.load()
+        return self._config
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            config = self.config.require_login()
+            self._client = Client(config.url, config.token)
+        return self._client
+
+
+def state() -> State:
+    return click.get_current_context().find_object(State) or State(False, False)
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--json` on every listing; also honours the global `lsl --json ...`."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys, as the API returns them).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
+        return func(*args, as_json=as_json or state().json, **kwargs)
+
+    return wrapper
+
+
+def complete_environment(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Tab-complete environment names from the server; silent on any failure (completion must not print errors)."""
+    try:
+        config = configfile.load().require_login()
+        client = Client(config.url, config.token, timeout=(2.0, 3.0))
+        names = {env["name"] for env in client.get_all("environments/")}
+        return sorted(name for name in names if name.startswith(incomplete))
+    except Exception:  # noqa: BLE001 - a completion hook must never crash the shell
+        return []
+
+
+def environment_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("environment", metavar="NAME", shell_complete=complete_environment)(func)
+
+
+# --- the group -----------------------------------------------------------------------
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True, epilog=EXIT_CODES_HELP)
+@click.option("-l", "list_images", is_flag=True, help="List the images (templates) you may use; same as 'lsl images'.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output for listings (same as each command's --json).")
+@click.option("--debug", is_flag=True, envvar="LSL_DEBUG", help="Show tracebacks for errors.")
+@click.version_option(__version__, "-V", "--version", prog_name="lsl")
+@click.pass_context
+def cli(ctx: click.Context, list_images: bool, as_json: bool, debug: bool) -> Any:
+    """LSL: disposable Linux dev environments, with shared terminals.
+
+    \b
+    Get started:
+      lsl init https://lsl.example.com      # log in, store a token
+      lsl images                            # what you can run
+      lsl create dev --template debian      # make an environment
+      lsl shell dev                         # attach a shared terminal
+    """
+    ctx.obj = State(debug=debug, as_json=as_json)
+    if list_images:
+        return ctx.invoke(images, as_json=as_json)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+    return None
+
+
+# --- login ---------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("url", required=False)
+@click.option("--token", help="Use this existing API token instead of logging in with a password.")
+@click.option("-u", "--username", help="Username (prompted for when omitted).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (for scripts).")
+@click.option("--token-name", help="Name of the token to create (default: lsl@HOSTNAME).")
+def init(url: str | None, token: str | None, username: str | None, password_stdin: bool, token_name: str | None) -> None:
+    """Log in to a server and remember it.
+
+    Stores the server URL, a named API token and this client's id in
+    $XDG_CONFIG_HOME/lsl/config.json (mode 0600). LSL_URL / LSL_TOKEN override it.
+
+    \b
+    Examples:
+      lsl init https://lsl.example.com
+      lsl init https://lsl.example.com --token lsl_xxxx
+      echo "$PASS" | lsl init http://127.0.0.1:8000 -u alice --password-stdin
+    """
+    stored = configfile.load_file()
+    url = configfile.normalize_url(url or os.environ.get("LSL_URL") or stored.url or _prompt("Server URL"))
+    if not token:
+        token = _login(url, username, password_stdin, token_name or f"lsl@{socket.gethostname()}")
+    whoami = Client(url, token).get("config/")  # proves the token works before we store it
+    stored.url, stored.token = url, token
+    path = configfile.save(stored)
+    user = whoami.get("user", {}).get("username", "?")
+    err.print(f"Logged in to {url} as [bold]{user}[/bold] (server {whoami.get('server_version', '?')}); "
+              f"config saved to {path}")
+
+
+def _prompt(label: str, hide: bool = False) -> str:
+    if not sys.stdin.isatty():
+        raise UsageFailure(f"{label.lower()} is required (no terminal to ask on)")
+    return str(click.prompt(label, hide_input=hide))
+
+
+def _login(url: str, username: str | None, password_stdin: bool, token_name: str) -> str:
+    username = username or _prompt("Username")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = _prompt("Password", hide=True)
+    answer = Client(url).post("auth/token/", {"username": username, "password": password, "name": token_name})
+    return str(answer["key"])
+
+
+@cli.command()
+def logout() -> None:
+    """Revoke the stored token on the server and forget it.
+
+    \b
+    Example:
+      lsl logout
+    """
+    config = state().config.require_login()
+    try:
+        state().client.post("tokens/revoke-current/")
+        note = "token revoked"
+    except AuthError:
+        note = "the token was already invalid"
+    stored = configfile.load_file()
+    if stored.token:
+        stored.token = ""
+        configfile.save(stored)
+    err.print(f"Logged out of {config.url} ({note}).")
+
+
+@cli.command()
+def ping() -> None:
+    """Check the connection and login (admins see this client as alive).
+
+    \b
+    Example:
+      lsl ping
+    """
+    answer = _ping(state())
+    err.print(f"pong from {state().config.url} (client {answer.get('client_id')})")
+
+
+def _ping(current: State) -> dict[str, Any]:
+    body = {"client_id": current.config.client_id, "hostname": socket.gethostname(), "version": __version__}
+    return current.client.post("ping/", body)
+
+
+# --- catalog and environments ---------------------------------------------------------
+
+@cli.command()
+@json_option
+def images(as_json: bool) -> None:
+    """List the images (templates) you may use.
+
+    \b
+    Examples:
+      lsl images
+      lsl -l --json
+    """
+    templates = state().client.get_all("templates/")
+    if as_json:
+        return print_json(templates)
+    table(templates, [
+        ("TEMPLATE", lambda t: t["slug"]),
+        ("IMAGE", lambda t: t.get("image")),
+        ("CPUS", lambda t: t.get("cpus")),
+        ("MEMORY", lambda t: f"{t['memory_mb']}m" if t.get("memory_mb") else None),
+        ("NETWORK", lambda t: t.get("network_modes")),
+        ("DESCRIPTION", lambda t: t.get("description")),
+    ], empty="no templates available to you")
+    return None
+
+
+def parse_memory(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> int | None:
+    """'512m', '2g', '1.5G', '2GiB', '1024' (MiB) → MiB."""
+    if value is None:
+        return None
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    unit = text[-1] if text and text[-1] in scale else "m"
+    number = text[:-1] if text and text[-1] in scale else text
+    try:
+        megabytes = float(number) * scale[unit]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a size like 512m or 2g") from None
+    if megabytes < 1:
+        raise click.BadParameter(f"{value!r}: too small")
+    return int(megabytes)
+
+
+def parse_mounts(ctx: click.Context | None, param: click.Parameter | None, values: tuple[str, ...]) -> list[str]:
+    """Check `SRC:DST[:ro|rw]` here so a typo is a usage error before anything is created."""
+    for spec in values:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise click.BadParameter(f"{spec!r}: expected SRC:DST or SRC:DST:ro")
+        if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+            raise click.BadParameter(f"{spec!r}: mode must be 'ro' or 'rw', not {parts[2]!r}")
+    return list(values)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-t", "--template", required=True, help="Template slug (see 'lsl images').")
+@click.option("--team", help="Team slug to create the environment in (its members get access).")
+@click.option("--network", type=click.Choice(["host", "bridge", "none"]), help="Network mode.")
+@click.option("--mount", "mounts", multiple=True, callback=parse_mounts, metavar="SRC:DST[:ro]",
+              help="Bind-mount a host path (repeatable; the server restricts allowed roots).")
+@click.option("--cpus", type=click.FloatRange(min=0.1), help="CPU limit, e.g. 1.5.")
+@click.option("--memory", callback=parse_memory, help="Memory limit, e.g. 512m or 2g.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it runs (with a progress bar).")
+@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for it to run.")
+@json_option
+def create(name: str, template: str, team: str | None, network: str | None, mounts: list[str], cpus: float | None,
+           memory: int | None, wait: bool, timeout: float, as_json: bool) -> int:
+    """Create an environment and wait until it runs.
+
+    The server pulls the image if needed; a progress bar follows it.
+
+    \b
+    Examples:
+      lsl create dev --template debian
+      lsl create api --template python --team platform --network bridge --cpus 2 --memory 2g
+      lsl create data --template debian --mount /srv/data:/data:ro
+    """
+    body: dict[str, Any] = {"name": name, "template": template}
+    optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory}
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if mounts:
+        body["mounts"] = mounts
+    client = state().client
+    env = client.post("environments/", body)
+    if wait:
+        from lsl.progress import wait_for_environment
+
+        env = wait_for_environment(client, env, timeout)
+    if as_json:
+        print_json(env)
+    if env.get("status") == "error":
+        raise LslError(f"{name}: creation failed: {env.get('last_error') or 'unknown error'}")
+    if not as_json:
+        hint = f"; attach with: lsl shell {name}" if env.get("status") == "running" else ""
+        err.print(f"{name}: {env.get('status')} ({env.get('id')}){hint}")
+    return 0
+
+
+ENV_COLUMNS = [
+    ("NAME", lambda e: e["name"]),
+    ("STATUS", lambda e: e.get("status")),
+    ("TEMPLATE", lambda e: e.get("template")),
+    ("OWNER", lambda e: e.get("owner")),
+    ("TEAM", lambda e: e.get("team")),
+    ("ROLE", lambda e: e.get("role")),
+    ("CREATED", lambda e: ago(e.get("created_at"))),
+    ("ID", lambda e: e.get("id")),
+]
+
+
+@cli.command("list")
+@click.option("--status", type=click.Choice(["creating", "running", "stopped", "error", "missing"]))
+@click.option("--team", help="Only this team's environments.")
+@click.option("--owner", help="Only this user's environments.")
+@click.option("--template", help="Only environments from this template.")
+@json_option
+def list_environments(status: str | None, team: str | None, owner: str | None, template: str | None,
+                      as_json: bool) -> None:
+    """List the environments you can see (alias: ls).
+
+    \b
+    Examples:
+      lsl list
+      lsl ls --status running --json | jq -r '.[].name'
+    """
+    envs = state().client.get_all("environments/", status=status, team=team, owner=owner, template=template)
+    if as_json:
+        return print_json(envs)
+    table(envs, ENV_COLUMNS, empty="no environments (create one: lsl create NAME --template T)")
+    return None
+
+
+_ls = copy.copy(list_environments)
+_ls.hidden = True  # an alias: listed once in --help
+cli.add_command(_ls, "ls")
+
+
+def _lifecycle(action: str) -> click.Command:
+    @click.command(action, help=f"{action.capitalize()} an environment.\n\n\b\nExample:\n  lsl {action} dev")
+    @environment_argument
+    @json_option
+    def command(environment: str, as_json: bool) -> None:
+        client = state().client
+        env = client.find_environment(environment)
+        env = client.post(f"environments/{env['id']}/{action}/")
+        if as_json:
+            return print_json(env)
+        err.print(f"{env['name']}: {env.get('status')}")
+        return None
+
+    return command
+
+
+for _action in ("start", "stop", "restart"):
+    cli.add_command(_lifecycle(_action))
+
+
+@cli.command()
+@environment_argument
+@click.option("--purge", is_flag=True, help="Also delete the workspace volume (its data is lost).")
+def rm(environment: str, purge: bool) -> None:
+    """Delete an environment.
+
+    Its workspace volume is kept (for a new environment) unless --purge.
+
+    \b
+    Examples:
+      lsl rm dev
+      lsl rm --purge scratch
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    client.delete(f"environments/{env['id']}/", purge="true" if purge else "false")
+    err.print(f"{env['name']}: removed{' with its workspace volume' if purge else ''}")
+
+
+@cli.command()
+@environment_argument
+@json_option
+def info(environment: str, as_json: bool) -> None:
+    """Show one environment in detail.
+
+    \b
+    Example:
+      lsl info dev
+    """
+    env = state().client.find_environment(environment)
+    if as_json:
+        return print_json(env)
+    mounts = [f"{m['source']}:{m['target']}{':ro' if m.get('read_only') else ''}" if isinstance(m, dict) else m
+              for m in env.get("mounts") or []]
+    progress = env.get("progress") or {}
+    details([
+        ("name", env["name"]), ("id", env["id"]), ("status", env.get("status")),
+        ("owner", env.get("owner")), ("team", env.get("team")), ("your role", env.get("role")),
+        ("template", env.get("template")), ("image", env.get("image")),
+        ("cpus", env.get("cpus")), ("memory", f"{env['memory_mb']}m" if env.get("memory_mb") else None),
+        ("pids", env.get("pids")), ("network", env.get("network_mode")), ("mounts", mounts),
+        ("workspace", env.get("workspace_volume")), ("container", (env.get("container_id") or "")[:12]),
+        ("progress", progress.get("phase")), ("last error", env.get("last_error")),
+        ("created", env.get("created_at")), ("started", env.get("started_at")), ("stopped", env.get("stopped_at")),
+    ])
+    return None
+
+
+# --- exec ------------------------------------------------------------------------------
+
+@cli.command("exec")
+@environment_argument
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-w", "--workdir", help="Working directory inside the environment.")
+@click.option("-e", "--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
+def exec_command(environment: str, command: tuple[str, ...], workdir: str | None, env_vars: tuple[str, ...]) -> int:
+    """Run a command in an environment (exits with its code).
+
+    Output streams as it comes; no terminal is allocated. Put the command
+    after `--` so its own options are not taken for lsl's.
+
+    \b
+    Examples:
+      lsl exec dev -- uname -a
+      lsl exec dev -w /workspace -e CI=1 -- make test
+    """
+    body: dict[str, Any] = {"command": list(command)}
+    if workdir:
+        body["workdir"] = workdir
+    if env_vars:
+        body["env"] = dict(_key_value(item) for item in env_vars)
+    client = state().client
+    env = client.find_environment(environment)
+    response = client.request("POST", f"environments/{env['id']}/exec/", json=body, stream=True, timeout=(5.0, None))
+    return _stream_exec(response)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageFailure(f"--env {item!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _stream_exec(response: Any) -> int:
+    """Copy `{"o": base64}` lines to stdout as they arrive; the last line carries the exit code."""
+    stdout = sys.stdout.buffer
+    exit_code: Any = None
+    with response:
+        for line in response.iter_lines():
+            if not line:
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                raise ServerError(f"unexpected exec output from the server: {line[:80]!r}") from None
+            if "o" in message:
+                stdout.write(base64.b64decode(message["o"]))
+                stdout.flush()
+            elif "exit_code" in message:
+                exit_code = message["exit_code"]
+            elif "error" in message:
+                raise ServerError(f"exec failed: {message['error']}")
+    if exit_code is None:
+        raise ServerError("the command's output ended without an exit code (connection lost?)")
+    return int(exit_code) if isinstance(exit_code, int) else 1
+
+
+# --- access ----------------------------------------------------------------------------
+
+def _subject(user: str | None, team: str | None) -> tuple[str, str]:
+    if (user is None) == (team is None):
+        raise UsageFailure("give exactly one of --user or --team")
+    return ("user", user) if user is not None else ("team", team or "")
+
+
+@cli.command()
+@environment_argument
+@click.option("--user", help="Username to share with.")
+@click.option("--team", help="Team slug to share with.")
+@click.option("--role", type=click.Choice(["viewer", "member", "admin"]), default="viewer", show_default=True,
+              help="viewer: watch; member: type, start/stop; admin: also share and delete.")
+def share(environment: str, user: str | None, team: str | None, role: str) -> None:
+    """Give a user or a team a role on an environment.
+
+    The role replaces any role they had before.
+
+    \b
+    Examples:
+      lsl share dev --user bob --role member
+      lsl share dev --team platform --role viewer
+    """
+    kind, name = _subject(user, team)
+    client = state().client
+    env = client.find_environment(environment)
+    grant = client.post(f"environments/{env['id']}/access/", {kind: name, "role": role})
+    err.print(f"{env['name']}: {grant.get('kind', kind)} {grant.get('name', name)} is now {grant.get('role', role)}")
+
+
+@cli.command()
+@environment_argument
+@click.option("--user", help="Username to remove.")
+@click.option("--team", help="Team slug to remove.")
+def unshare(environment: str, user: str | None, team: str | None) -> None:
+    """Remove a user's or a team's access.
+
+    \b
+    Example:
+      lsl unshare dev --user bob
+    """
+    kind, name = _subject(user, team)
+    client = state().client
+    env = client.find_environment(environment)
+    grants = client.get(f"environments/{env['id']}/access/")
+    grant = next((g for g in grants if g.get("kind") == kind and g.get("name") == name), None)
+    if grant is None:
+        raise NotFound(f"{kind} {name!r} has no access to {env['name']}")
+    client.delete(f"environments/{env['id']}/access/{grant['id']}/")
+    err.print(f"{env['name']}: removed access for {kind} {name}")
+
+
+@cli.command()
+@environment_argument
+@json_option
+def access(environment: str, as_json: bool) -> None:
+    """List who has access to an environment.
+
+    \b
+    Example:
+      lsl access dev
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    grants = client.get(f"environments/{env['id']}/access/")
+    if as_json:
+        return print_json(grants)
+    err.print(f"[dim]{env['name']} is owned by {env.get('owner')}{' (team ' + env['team'] + ')' if env.get('team') else ''}[/dim]")
+    table(grants, [("KIND", lambda g: g.get("kind")), ("NAME", lambda g: g.get("name")),
+                   ("ROLE", lambda g: g.get("role")), ("ID", lambda g: g.get("id"))], empty="not shared with anyone")
+    return None
+
+
+# --- sessions --------------------------------------------------------------------------
+
+@cli.command()
+@environment_argument
+@click.option("--live", is_flag=True, help="Only sessions still running.")
+@json_option
+def sessions(environment: str, live: bool, as_json: bool) -> None:
+    """List an environment's terminal sessions.
+
+    \b
+    Examples:
+      lsl sessions dev
+      lsl sessions dev --live --json
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    rows = client.get_all(f"environments/{env['id']}/sessions/", live="true" if live else None)
+    if as_json:
+        return print_json(rows)
+    table(rows, [
+        ("ID", lambda s: s.get("id")),
+        ("NAME", lambda s: s.get("name")),
+        ("CREATOR", lambda s: s.get("creator")),
+        ("STATE", lambda s: "live" if s.get("live") else (s.get("end_reason") or "ended")),
+        ("EXIT", lambda s: s.get("exit_code")),
+        ("PEOPLE", lambda s: [p.get("user") for p in s.get("participants") or []]),
+        ("CREATED", lambda s: ago(s.get("created_at"))),
+    ], empty=f"no sessions on {env['name']} (open one: lsl shell {env['name']})")
+    return None
+
+
+@cli.command()
+@click.argument("session")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write (default SESSION.cast; '-' for stdout).")
+def record(session: str, output: str | None) -> None:
+    """Download a session's recording (asciicast v2).
+
+    Play it with 'asciinema play FILE'.
+
+    \b
+    Example:
+      lsl record 3f2c9a7e-... -o demo.cast && asciinema play demo.cast
+    """
+    response = state().client.request("GET", f"sessions/{session}/recording/", stream=True)
+    output = output or f"{session}.cast"
+    with response:
+        if output == "-":
+            for chunk in response.iter_content(65536):
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        size = 0
+        with open(output, "wb") as handle:
+            for chunk in response.iter_content(65536):
+                handle.write(chunk)
+                size += len(chunk)
+    err.print(f"wrote {output} ({human_bytes(size)})")
+
+
+@cli.command()
+@environment_argument
+@click.option("--session", "session_id", help="Join this session (see 'lsl sessions NAME').")
+@click.option("--new", is_flag=True, help="Open a new session instead of joining the newest live one.")
+@click.option("--read-only", is_flag=True, help="Watch only: send no keystrokes.")
+def shell(environment: str, session_id: str | None, new: bool, read_only: bool) -> int:
+    """Attach to a shared terminal session.
+
+    Joins the newest live session, or opens one.
+
+    Everyone attached sees the same screen. Type Enter ~ . to detach and leave
+    the shell running for the others; the session's exit code becomes lsl's.
+
+    \b
+    Examples:
+      lsl shell dev
+      lsl shell dev --new
+      lsl shell dev --session 3f2c9a7e-... --read-only
+    """
+    if session_id and new:
+        raise UsageFailure("--session and --new cannot be used together")
+    from lsl.shell import attach, pick_session
+
+    current = state()
+    env = current.client.find_environment(environment)
+    session = pick_session(current.client, env, session_id, new)
+    return attach(current.client, env, session, read_only=read_only, ping=lambda: _ping(current))
+
+
+# --- monitoring ------------------------------------------------------------------------
+
+@cli.command()
+@click.option("-w", "--watch", is_flag=True, help="Keep refreshing (Ctrl-C to quit).")
+@click.option("-n", "--interval", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@json_option
+def monitor(watch: bool, interval: float, as_json: bool) -> None:
+    """Show host load and per-environment CPU and memory.
+
+    \b
+    Examples:
+      lsl monitor
+      lsl monitor --watch -n 5
+    """
+    from lsl.monitor import render_monitor
+
+    client = state().client
+    if as_json:
+        return print_json(client.get("monitor/"))
+    if not watch:
+        from lsl.output import print_stripped
+
+        print_stripped(render_monitor(client.get("monitor/")))
+        return None
+    from rich.live import Live
+
+    from lsl.output import out
+
+    with Live(render_monitor(client.get("monitor/")), console=out, auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_monitor(client.get("monitor/")), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    return None
+
+
+# --- completion ------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("shell_name", metavar="SHELL", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell_name: str) -> None:
+    """Print the completion script for bash, zsh or fish.
+
+    \b
+    Examples:
+      eval "$(lsl completion bash)"          # in ~/.bashrc
+      eval "$(lsl completion zsh)"           # in ~/.zshrc
+      lsl completion fish > ~/.config/fish/completions/lsl.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell_name)
+    assert completer is not None  # the Choice above only allows the built-in shells
+    click.echo(completer(cli, {}, "lsl", "_LSL_COMPLETE").source())
+
+
+# --- entry point -----------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("LSL_DEBUG", "") not in ("", "0")
+    sys.exit(run(args, debug))
+
+
+def run(args: list[str], debug: bool) -> int:
+    try:
+        result = cli.main(args=args, prog_name="lsl", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except LslError as exc:
+        return _fail(exc.message, exc.exit_code, debug)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        return _fail(exc.format_message() + hint, USAGE, debug)
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code, debug)
+    except (click.Abort, KeyboardInterrupt):
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # `lsl list | head`: the reader left; nothing useful to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"lsl: error: {message}\n")
+    sys.stderr.flush()
+    return code
