@@ -219,3 +219,68 @@ def test_resize_takes_smallest_writer_and_ignores_viewers(cast: Cast) -> None:
     victor.wait_event("resize", cols=100, rows=30)
     alice.close()
     victor.close()
+
+
+def test_audit_trail_records_who_did_what(cast: Cast) -> None:
+    from sessions.models import AuditEvent
+
+    session = cast.open_session()
+    alice = cast.join(session, "alice")
+    victor = cast.join(session, "victor")
+    victor.send_input("x")
+    victor.wait_event("error", code="read_only")
+    victor.close()
+    alice.send_input("exit 0\r")
+    alice.wait_event("exit")
+    deadline = time.monotonic() + 10
+    while not AuditEvent.objects.filter(session_id=session["id"], kind="end").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    events = [(e.kind, e.user.username if e.user else None) for e in AuditEvent.objects.filter(session_id=session["id"])]
+    for expected in [("open", "alice"), ("join", "alice"), ("join", "victor"), ("role_denied", "victor"),
+                     ("leave", "victor"), ("end", None)]:
+        assert expected in events, (expected, events)
+
+
+def test_input_is_recorded_and_attributed_only_when_configured(people: Any, make_env: Any) -> None:
+    import json
+
+    from sessions.models import AuditEvent
+    from tests.conftest import start_daphne, stop_daphne
+
+    server = start_daphne({"LSL_SESSION_RECORD_INPUT": "true"}, "daphne-input")
+    try:
+        cast = Cast(people, make_env, server)
+        session = cast.open_session()
+        bob = cast.join(session, "bob")
+        bob.send_input("echo typed-by-bob\r")
+        bob.wait_output(b"typed-by-bob\r\n/workspace")
+        bob.send_input("exit\r")
+        bob.wait_event("exit")
+        recording = cast.api("alice", "get", f"sessions/{session['id']}/recording/").text.splitlines()
+        inputs = "".join(json.loads(line)[2] for line in recording[1:] if json.loads(line)[1] == "i")
+        assert "echo typed-by-bob" in inputs
+        deadline = time.monotonic() + 10
+        while not AuditEvent.objects.filter(session_id=session["id"], kind="input").exists():
+            assert time.monotonic() < deadline, "no input audit event"
+            time.sleep(0.1)
+        typed = AuditEvent.objects.get(session_id=session["id"], kind="input")
+        assert typed.user == people.teammate and "typed-by-bob" in typed.data["text"]
+    finally:
+        stop_daphne(server)
+
+
+def test_input_is_not_recorded_by_default(cast: Cast) -> None:
+    import json
+
+    from sessions.models import AuditEvent
+
+    session = cast.open_session()
+    alice = cast.join(session, "alice")
+    alice.send_input("echo private\r")
+    alice.wait_output(b"private\r\n/workspace")
+    alice.send_input("exit\r")
+    alice.wait_event("exit")
+    recording = cast.api("alice", "get", f"sessions/{session['id']}/recording/").text.splitlines()
+    assert all(json.loads(line)[1] != "i" for line in recording[1:])
+    assert not AuditEvent.objects.filter(session_id=session["id"], kind="input").exists()
