@@ -54,6 +54,8 @@ from websockets.asyncio.client import connect  # noqa: E402
 from environments import runtime  # noqa: E402
 
 MARK_START, MARK_END = b"BENCH-START\r\n", b"BENCH-END\r\n"
+# A participant resynced from a snapshot sees the end marker drawn on its screen, not followed by CRLF.
+SCREEN_END = b"BENCH-END"
 
 
 def free_port() -> int:
@@ -213,6 +215,8 @@ class Participant:
         self.output = bytearray()
         self.scanned = 0
         self.event = asyncio.Event()
+        self.snapshots = 0
+        self.closed = False
 
     @classmethod
     async def join(cls, ws_url: str, token: str) -> "Participant":
@@ -232,12 +236,16 @@ class Participant:
                         self.acked = self.received
                         await self.ws.send(json.dumps({"type": "ack", "bytes": self.received}))
                     self.event.set()
+                elif json.loads(message).get("type") == "snapshot":
+                    self.snapshots += 1
         except websockets.ConnectionClosed:
             pass
+        self.closed = True
+        self.event.set()
 
     async def wait_for(self, needle: bytes, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
-        while self.output.find(needle, max(0, self.scanned - len(needle))) < 0:
+        while self.output.find(needle, max(0, self.scanned - len(needle))) < 0 and not self.closed:
             self.scanned = len(self.output)
             self.event.clear()
             await asyncio.wait_for(self.event.wait(), max(0.01, deadline - time.monotonic()))
@@ -268,22 +276,27 @@ async def lsl_keystrokes(setup: Setup, count: int) -> list[float]:
     return rtts
 
 
-async def lsl_flood(setup: Setup, participants: int, mb: int) -> float:
-    """Seconds until the slowest participant has seen the whole flood."""
+async def lsl_flood(setup: Setup, participants: int, mb: int) -> tuple[float, int, int]:
+    """Seconds until the slowest participant has seen the end of the flood (live or on a
+    resynced screen), how many were resynced from a snapshot, and how many were closed."""
     ws_url = setup.open_session()
     clients = [await Participant.join(ws_url, setup.token) for _ in range(participants)]
     await asyncio.sleep(0.5)
     for client in clients:
         client.reset()
+        client.snapshots = 0
     await clients[0].ws.send(flood_command(mb).encode())
     await asyncio.gather(*(c.wait_for(MARK_START) for c in clients))
     start = time.perf_counter()
-    await asyncio.gather(*(c.wait_for(MARK_END) for c in clients))
+    await asyncio.gather(*(c.wait_for(SCREEN_END) for c in clients))
     elapsed = time.perf_counter() - start
-    await clients[0].ws.send(b"exit\r")
+    resynced = sum(1 for c in clients if c.snapshots)
+    closed = sum(1 for c in clients if c.closed)
+    if not clients[0].closed:
+        await clients[0].ws.send(b"exit\r")
     for client in clients:
         await client.ws.close()
-    return elapsed
+    return elapsed, resynced, closed
 
 
 # --- terminado (one shared terminal, `docker exec -it` into the same container) -------------
@@ -385,10 +398,11 @@ def main() -> None:
         direct.close()
         terminado_url, terminado = start_terminado(setup.container_id)
         for n in counts:
-            lsl_s = asyncio.run(lsl_flood(setup, n, args.flood_mb))
+            lsl_s, resynced, closed = asyncio.run(lsl_flood(setup, n, args.flood_mb))
             term_s = asyncio.run(terminado_flood(terminado_url, n, args.flood_mb))
             lsl_rate, direct_rate, term_rate = output_mb / lsl_s, output_mb / direct_s, output_mb / term_s
-            rows.append((f"throughput, {n} participant(s)", f"{lsl_rate:.2f} MiB/s each",
+            note = f" ({resynced} resynced, {closed} closed)" if resynced or closed else ""
+            rows.append((f"throughput, {n} participant(s)", f"{lsl_rate:.2f} MiB/s each{note}",
                          f"direct exec {direct_rate:.2f}, terminado {term_rate:.2f} MiB/s each",
                          f"{lsl_rate / direct_rate:.2f}x direct, {lsl_rate / term_rate:.2f}x terminado"))
         terminado["loop"].call_soon_threadsafe(terminado["loop"].stop)
