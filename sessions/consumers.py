@@ -166,8 +166,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._error("bad_message", "ack.bytes must be an integer no larger than the bytes sent")
             return
         self.acked = max(self.acked, value)
-        if self.paused_since is not None and not self.awaiting_snapshot and self.acked == self.sent:
-            # Caught up with everything it was sent: redraw from the current screen.
+        if self.paused_since is not None and not self.awaiting_snapshot and self.sent - self.acked <= self.window // 2:
+            # Caught up (clients ack at least every window/2 bytes, so the last ack may trail
+            # what they hold by up to that much): redraw from the current screen.
             await self._request_snapshot()
 
     # --- hub → client (channel-layer handlers) -----------------------------------------
