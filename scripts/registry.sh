@@ -19,7 +19,7 @@ DIR="$ROOT/var/registry"
 CONFIG="$DIR/config.yml"
 PIDFILE="$DIR/pid"
 LOG="$DIR/registry.log"
-ADDR="127.0.0.1:5000"
+ADDR="${LSL_REGISTRY_ADDR:-127.0.0.1:5000}"  # tests pick a free port
 URL="http://$ADDR/v2/"
 
 say() { echo "registry: $*"; }

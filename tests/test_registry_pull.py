@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -13,7 +14,7 @@ import pytest
 
 from environments import runtime
 from environments.models import Template
-from tests.conftest import api_client, docker_cli
+from tests.conftest import api_client, docker_cli, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
@@ -22,9 +23,14 @@ pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True),
 @pytest.fixture()
 def pushed_image() -> Iterator[str]:
     """An image that exists only in the local registry: a unique 24 MB layer on top of busybox."""
-    started = subprocess.run(["bash", str(REPO / "scripts" / "registry.sh"), "start"], capture_output=True, text=True, timeout=120)
+    # A private registry on a free port (stopped afterwards), so nothing else on :5000 interferes.
+    addr = f"127.0.0.1:{free_port()}"
+    script = ["bash", str(REPO / "scripts" / "registry.sh")]
+    registry_env = {**os.environ, "LSL_REGISTRY_ADDR": addr}
+    subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=60, env=registry_env)
+    started = subprocess.run([*script, "start"], capture_output=True, text=True, timeout=120, env=registry_env)
     assert started.returncode == 0, f"local registry did not start: {started.stdout}{started.stderr}"
-    ref = f"127.0.0.1:5000/lsl-test/pull-{uuid.uuid4().hex[:8]}:latest"
+    ref = f"{addr}/lsl-test/pull-{uuid.uuid4().hex[:8]}:latest"
     builder = docker_cli("run", "-d", "lsl-test/busybox:latest", "tail", "-f", "/dev/null").stdout.strip()
     try:
         assert docker_cli("exec", builder, "sh", "-c", "head -c 25165824 /dev/urandom > /payload").returncode == 0
@@ -37,6 +43,7 @@ def pushed_image() -> Iterator[str]:
     assert not runtime.image_exists(ref)
     yield ref
     runtime.remove_image(ref)
+    subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=60, env=registry_env)
 
 
 def test_create_pulls_missing_image_with_progress(people: Any, pushed_image: str) -> None:
