@@ -57,3 +57,15 @@ class ClientAdmin(admin.ModelAdmin):
     @admin.display(boolean=True)
     def online(self, obj: Client) -> bool:
         return obj.is_online
+
+
+from accounts.models import Profile  # noqa: E402
+
+
+@admin.register(Profile)
+class ProfileAdmin(admin.ModelAdmin):
+    """Identity inside environments (uid/gid/user name), host-network permission and per-user quotas."""
+
+    list_display = ["user", "shell_name", "uid", "gid", "allow_host_network", "quota_environments", "quota_cpus", "quota_memory_mb"]
+    search_fields = ["user__username", "shell_name"]
+    autocomplete_fields = ["user"]

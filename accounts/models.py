@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.core.validators import validate_slug
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator, validate_slug
 from django.db import models
 from django.utils import timezone
 
@@ -96,3 +97,85 @@ class Client(models.Model):
     @property
     def is_online(self) -> bool:
         return (timezone.now() - self.last_seen_at).total_seconds() < self.ONLINE_WINDOW_SECONDS
+
+
+# --- identity inside environments (issue 6) -----------------------------------------
+
+# Names an image is likely to own already; a profile never defaults to one of them.
+RESERVED_SHELL_NAMES = frozenset({
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data",
+    "backup", "list", "irc", "gnats", "nobody", "nogroup", "systemd-network", "systemd-resolve", "messagebus",
+    "sshd", "ubuntu", "debian", "fedora", "admin", "operator", "ftp", "halt", "shutdown", "adm", "wheel",
+    "users", "staff", "sudo", "docker", "postgres", "mysql", "redis", "node", "lsl",
+})
+_SHELL_NAME_BAD = re.compile(r"[^a-z0-9_-]+")
+
+
+def sanitize_shell_name(username: str) -> str:
+    """A valid, portable Linux user name for `username` (lowercase, [a-z_][a-z0-9_-]*, at most 32), or ""."""
+    name = _SHELL_NAME_BAD.sub("_", username.lower()).strip("_-")
+    if name and not (name[0].isalpha() or name[0] == "_"):
+        name = f"u{name}"
+    name = name[:32].rstrip("_-")
+    return "" if name in RESERVED_SHELL_NAMES else name
+
+
+class Profile(models.Model):
+    """Who a user is inside environments (uid, gid, user name) plus per-user policy.
+
+    Created on first use with a stable mapping: uid = gid = LSL_UID_BASE + user id.
+    Changing uid/gid later affects environments whose container is created afterwards.
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="lsl_profile")
+    uid = models.PositiveIntegerField(unique=True, blank=True, validators=[MinValueValidator(1000), MaxValueValidator(2**31 - 2)],
+                                      help_text="Numeric user id inside environments (and of files in host mounts).")
+    gid = models.PositiveIntegerField(blank=True, validators=[MinValueValidator(1000), MaxValueValidator(2**31 - 2)])
+    shell_name = models.CharField(max_length=32, unique=True, blank=True,
+                                  validators=[RegexValidator(r"^[a-z_][a-z0-9_-]{0,31}$", "not a valid Linux user name")])
+    allow_host_network = models.BooleanField(default=False, help_text="May create environments on the host network "
+                                             "(where the template allows it). Staff always may.")
+    quota_environments = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_ENVIRONMENTS; 0 = unlimited.")
+    quota_cpus = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0)], help_text="Overrides LSL_QUOTA_USER_CPUS; 0 = unlimited.")
+    quota_memory_mb = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_MEMORY_MB; 0 = unlimited.")
+
+    def __str__(self) -> str:
+        return f"{self.shell_name} ({self.uid}:{self.gid})"
+
+    def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.uid is None:
+            base = int(getattr(settings, "LSL_UID_BASE", 10000))
+            uid = base + int(self.user_id)
+            while Profile.objects.filter(uid=uid).exclude(pk=self.pk).exists():
+                uid = max(uid, (Profile.objects.aggregate(models.Max("uid"))["uid__max"] or uid)) + 1
+            self.uid = uid
+        if self.gid is None:
+            self.gid = self.uid
+        if not self.shell_name:
+            base_name = sanitize_shell_name(self.user.get_username()) or f"u{self.uid}"
+            name, n = base_name, 1
+            while Profile.objects.filter(shell_name=name).exclude(pk=self.pk).exists():
+                n += 1
+                name = f"{base_name[:30]}{n}"
+            self.shell_name = name
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def for_user(cls, user) -> "Profile":  # type: ignore[no-untyped-def]
+        """The user's profile, created with the default mapping on first use."""
+        try:
+            return user.lsl_profile
+        except cls.DoesNotExist:
+            pass
+        profile = cls.objects.filter(user=user).first()
+        if profile is None:
+            from django.db import IntegrityError, transaction
+
+            try:
+                with transaction.atomic():
+                    profile = cls(user=user)
+                    profile.save()
+            except IntegrityError:  # created concurrently
+                profile = cls.objects.get(user=user)
+        user.lsl_profile = profile
+        return profile

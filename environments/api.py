@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
-from django.db.models import QuerySet
+from django.apps import apps
+from django.db.models import Prefetch, QuerySet, prefetch_related_objects
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
@@ -23,7 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from environments import catalog, runtime, services
+from environments import catalog, metrics, runtime, services
 from lsl_site.errors import Conflict
 from environments.models import Environment, Role, Status, Template, usable_templates
 from environments.permissions import make_checker, require_role, role_for
@@ -166,8 +166,9 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         data = serializer.validated_data
         if env.status != Status.RUNNING:
             raise Conflict(f"the environment is {env.status}, not running", code="not_running")
+        user, user_env = services.shell_identity(env)  # as the environment user, like its terminals
         chunks, exit_code = runtime.exec_stream(env.container_id, data["command"], workdir=data.get("workdir"),
-                                                environment=data.get("env"))
+                                                user=user, environment={**user_env, **(data.get("env") or {})})
         return StreamingHttpResponse(_exec_lines(chunks, exit_code), content_type="application/x-ndjson")
 
     @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
@@ -194,40 +195,57 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
 
 
 class MonitorView(APIView):
-    """Host figures plus per-environment container stats, for environments the caller may view."""
+    """Host figures plus, for environments the caller may view, container stats and live sessions.
 
-    @extend_schema(responses={200: dict})
+    `?environment=<id>` narrows the answer to one environment (404 when the caller
+    may not view it, exactly like the environment itself). `?stats=0` skips the
+    container sampling (about a second) for callers that only need statuses and
+    sessions, such as the dashboard's live refresh.
+    """
+
+    @extend_schema(parameters=[OpenApiParameter("environment", str, description="Only this environment (its id)"),
+                               OpenApiParameter("stats", bool, description="Sample container stats (default true)")],
+                   responses={200: dict})
     def get(self, request: Request) -> Response:
-        envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
-        services.reconcile_quietly(envs)
-        running = [env for env in envs if env.status == Status.RUNNING and env.container_id]
-
-        def sample(env: Environment) -> dict[str, Any]:
+        qs = Environment.objects.visible_to(request.user).select_related("owner", "template")
+        wanted = request.query_params.get("environment")
+        if wanted:
             try:
-                return runtime.container_stats(env.container_id)
-            except runtime.EngineError as exc:
-                return {"error": str(exc)}
+                qs = qs.filter(pk=uuid.UUID(wanted))
+            except ValueError:
+                raise NotFound("No such environment.") from None
+        envs = list(qs)
+        if wanted and not envs:
+            raise NotFound("No such environment.")
+        services.reconcile_quietly(envs)
+        # After the reconcile, so sessions it just ended are not reported as live. The models come
+        # from the app registry: sessions depends on environments, never the other way round.
+        session_model = apps.get_model("terminals", "TerminalSession")
+        participation_model = apps.get_model("terminals", "Participation")
+        attached = participation_model.objects.filter(left_at__isnull=True).select_related("user").order_by("joined_at")
+        live = (session_model.objects.filter(ended_at__isnull=True).order_by("created_at")
+                .prefetch_related(Prefetch("participations", queryset=attached, to_attr="attached")))
+        prefetch_related_objects(envs, Prefetch("terminal_sessions", queryset=live, to_attr="live_sessions"))
 
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            stats = dict(zip([env.pk for env in running], pool.map(sample, running)))
-        disk = psutil.disk_usage("/")
-        memory = psutil.virtual_memory()
-        host = {
-            "cpu_percent": psutil.cpu_percent(interval=None),
-            "cpu_count": psutil.cpu_count(),
-            "load_average": list(psutil.getloadavg()),
-            "memory_total_bytes": memory.total,
-            "memory_used_bytes": memory.total - memory.available,
-            "disk_total_bytes": disk.total,
-            "disk_used_bytes": disk.used,
-        }
-        try:
-            host["engine"] = runtime.engine_info()
-        except runtime.EngineError as exc:
-            host["engine"] = {"error": str(exc)}
+        with_stats = request.query_params.get("stats", "1").lower() not in ("0", "false", "no")
+        stats = metrics.sample_container_stats(envs) if with_stats else {}
+        host = metrics.host_snapshot()
+        if with_stats:
+            try:
+                host["engine"] = runtime.engine_info()
+            except runtime.EngineError as exc:
+                host["engine"] = {"error": str(exc)}
         environments = [
             {"id": str(env.id), "name": env.name, "owner": env.owner.username, "template": env.template.slug,
-             "status": env.status, "started_at": env.started_at, "stats": stats.get(env.pk)}
+             "status": env.status, "started_at": env.started_at, "uptime_seconds": metrics.uptime_seconds(env),
+             "limits": {"cpus": env.cpus, "memory_bytes": env.memory_mb * 1024 * 1024, "pids": env.pids},
+             "stats": stats.get(env.pk),
+             "sessions": [
+                 {"id": str(session.id), "name": session.name, "created_at": session.created_at,
+                  "participants": [{"user": p.user.username, "role": p.role, "client": p.client_kind}
+                                   for p in session.attached]}
+                 for session in env.live_sessions
+             ]}
             for env in envs
         ]
         return Response({"host": host, "environments": environments})

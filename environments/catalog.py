@@ -415,18 +415,29 @@ class _Checked:
     problems: list[Problem]
 
 
+def check_yaml(text: str, filename: str, schema: dict[str, Any]) -> tuple[_Document | None, list[Problem]]:
+    """Parse YAML text with positions and validate it against `schema`; problems as FILE:LINE:COL.
+
+    The shared machinery for catalog files and environment files (`environments.envfile`).
+    """
+    document, problems = _parse_yaml(text, filename)
+    if document is None:
+        return None, problems
+    validator = Draft202012Validator(schema)
+    for error in validator.iter_errors(document.data):
+        problems += _schema_problems(error, document, filename)
+    return document, problems
+
+
 def _check(path: Path | str) -> _Checked:
     """Parse and check a catalog file, collecting every problem in file order."""
     filename = str(path)
     text, problems = _read(Path(path), filename)
     if text is None:
         return _Checked(None, {}, problems)
-    document, problems = _parse_yaml(text, filename)
+    document, problems = check_yaml(text, filename, load_schema())
     if document is None:
         return _Checked(None, {}, problems)
-    validator = Draft202012Validator(load_schema())
-    for error in validator.iter_errors(document.data):
-        problems += _schema_problems(error, document, filename)
     problems += _semantic_problems(document.data, document, filename)
     teams, team_problems = _team_problems(document.data, document, filename)
     return _Checked(document, teams, sorted(set(problems + team_problems)))
@@ -455,11 +466,14 @@ def template_fields(entry: dict[str, Any]) -> dict[str, Any]:
         "pids": int(resources.get("pids", DEFAULT_PIDS)),
         "network_modes": list(entry.get("network", {}).get("modes", DEFAULT_NETWORK_MODES)),
         "mounts": [
-            {"source": mount["source"], "target": mount["target"], "read_only": mount.get("read_only", False)}
+            {"source": mount["source"], "target": mount["target"], "read_only": mount.get("read_only", False),
+             **({"create": True} if mount.get("create") else {})}
             for mount in entry.get("mounts", [])
         ],
         "allow_user_mounts": entry.get("allow_user_mounts", True),
+        "allow_sudo": entry.get("sudo", False),
         "setup": entry.get("setup", []),
+        "user_setup": entry.get("user_setup", []),
         "labels": entry.get("labels", {}),
         "public": "teams" not in entry,
         "managed_by_catalog": True,

@@ -35,11 +35,18 @@ class Template(models.Model):
     network_modes = models.JSONField(default=list)  # allowed modes; first is the default
     mounts = models.JSONField(default=list, blank=True)  # default mounts [{source, target, read_only}]
     allow_user_mounts = models.BooleanField(default=True)
-    setup = models.JSONField(default=list, blank=True)  # shell commands run once after create
+    setup = models.JSONField(default=list, blank=True)  # shell commands run once after create, as root
+    user_setup = models.JSONField(default=list, blank=True)  # then these, as the environment user
+    allow_sudo = models.BooleanField(default=False, help_text="The environment user gets passwordless sudo. "
+                                     "Turns off no-new-privileges for the container (sudo is setuid).")
     labels = models.JSONField(default=dict, blank=True)
     public = models.BooleanField(default=True, help_text="Usable by everyone; otherwise only by `teams`.")
     teams = models.ManyToManyField(Team, blank=True, related_name="templates")
     managed_by_catalog = models.BooleanField(default=True)
+    # Set for templates made by snapshotting an environment.
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    snapshot_of = models.CharField(max_length=200, blank=True, help_text="owner/name (id) of the snapshotted environment")
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -82,6 +89,14 @@ def usable_templates(user: Any) -> models.QuerySet[Template]:
     )
     team_member = Template.teams.through.objects.filter(template=OuterRef("pk"), team__group__in=group_ids)
     return Template.objects.filter(Q(public=True) | Exists(team_member) | Exists(granted_user) | Exists(granted_group))
+
+
+class SetupStatus(models.TextChoices):
+    NONE = "", "No setup"
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
 
 
 class Status(models.TextChoices):
@@ -153,6 +168,12 @@ class Environment(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    stop_reason = models.CharField(max_length=32, blank=True)  # "stopped", "idle", ...
+    # The user shells run as, once created in the container: {name, uid, gid, home}; empty until then.
+    identity = models.JSONField(default=dict, blank=True)
+    setup_status = models.CharField(max_length=16, choices=SetupStatus.choices, blank=True, default=SetupStatus.NONE)
+    setup_log = models.TextField(blank=True)
+    last_active_at = models.DateTimeField(null=True, blank=True)  # last seen with a session attached or an exec running
 
     objects = EnvironmentQuerySet.as_manager()
 
@@ -183,3 +204,32 @@ class EnvironmentUserObjectPermission(UserObjectPermissionBase):
 
 class EnvironmentGroupObjectPermission(GroupObjectPermissionBase):
     content_object = models.ForeignKey(Environment, on_delete=models.CASCADE)
+
+
+class TeamVolume(models.Model):
+    """A named Docker volume owned by a team, mountable into that team's environments (`volume:NAME:/dst`)."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="volumes")
+    name = models.SlugField(max_length=63)
+    volume_name = models.CharField(max_length=128, unique=True, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["team__slug", "name"]
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="unique_volume_name_per_team")]
+
+    def __str__(self) -> str:
+        return f"{self.team.slug}/{self.name}"
+
+
+class TeamQuota(models.Model):
+    """Limits on a team's environments (those created with `team`). 0 = unlimited."""
+
+    team = models.OneToOneField(Team, on_delete=models.CASCADE, related_name="quota")
+    environments = models.PositiveIntegerField(default=0)
+    cpus = models.FloatField(default=0)
+    memory_mb = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"quota for {self.team.slug}"

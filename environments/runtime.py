@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +52,10 @@ class ContainerNotFound(EngineError):
 
 @dataclass(frozen=True)
 class Mount:
-    source: str
+    source: str  # a host path (bind) or a volume name (volume)
     target: str
     read_only: bool = False
+    type: str = "bind"  # "bind" or "volume"
 
 
 @dataclass(frozen=True)
@@ -256,11 +257,12 @@ def create_container(spec: ContainerSpec) -> str:
     ensure_volume(spec.workspace_volume, {LABEL_ENVIRONMENT: spec.environment_id, LABEL_OWNER: spec.owner})
     mounts = [docker.types.Mount(target=WORKSPACE_PATH, source=spec.workspace_volume, type="volume")]
     for bind in spec.binds:
-        mounts.append(docker.types.Mount(target=bind.target, source=bind.source, type="bind", read_only=bind.read_only))
+        mounts.append(docker.types.Mount(target=bind.target, source=bind.source, type=bind.type, read_only=bind.read_only))
     with _guard(f"creating container {spec.name}"):
         container = _client().containers.create(
             image=spec.image,
             command=KEEPALIVE_COMMAND,
+            user="0:0",  # PID 1 and LSL's own execs are root; shells run as the environment user (exec user=)
             name=spec.name,
             hostname=spec.hostname if spec.network_mode != "host" else None,
             labels=labels,
@@ -373,8 +375,8 @@ def exec_run(container_id: str, cmd: list[str], *, user: str = "", workdir: str 
         exec_id = api.exec_create(container_id, cmd, user=user, workdir=workdir, environment=environment,
                                   stdout=True, stderr=True)["Id"]
         output = api.exec_start(exec_id, stream=False, demux=False) or b""
-        code = api.exec_inspect(exec_id).get("ExitCode")
-    return ExecResult(exit_code=-1 if code is None else int(code), output=output)
+        code = _wait_exit_code(api, exec_id)  # the output can end a moment before the exec is reaped
+    return ExecResult(exit_code=code, output=output)
 
 
 def exec_stream(container_id: str, cmd: list[str], *, user: str = "", workdir: str | None = None,
@@ -388,8 +390,7 @@ def exec_stream(container_id: str, cmd: list[str], *, user: str = "", workdir: s
 
     def exit_code() -> int:
         with _guard("inspecting command"):
-            code = api.exec_inspect(exec_id).get("ExitCode")
-        return -1 if code is None else int(code)
+            return _wait_exit_code(api, exec_id)
 
     return chunks, exit_code
 
@@ -441,6 +442,168 @@ def exec_exit_code(exec_id: str) -> int | None:
         return None
     code = data.get("ExitCode")
     return None if code is None else int(code)
+
+
+def _read_frames(sock: socket.socket, on_frame: Callable[[int, bytes], None]) -> None:
+    """Demultiplex a non-TTY exec stream (8-byte headers: stream, 0, 0, 0, size) until EOF."""
+    buffer = bytearray()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        buffer.extend(data)
+        while len(buffer) >= 8:
+            size = int.from_bytes(buffer[4:8], "big")
+            if len(buffer) < 8 + size:
+                break
+            on_frame(buffer[0], bytes(buffer[8 : 8 + size]))
+            del buffer[: 8 + size]
+
+
+def _wait_exit_code(api: Any, exec_id: str, timeout: float = 30.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data = api.exec_inspect(exec_id)
+        if not data.get("Running") or time.monotonic() > deadline:
+            code = data.get("ExitCode")
+            return -1 if code is None else int(code)
+        time.sleep(0.02)
+
+
+def exec_with_stdin(container_id: str, cmd: list[str], chunks: Iterable[bytes], *, user: str = "",
+                    workdir: str | None = None, environment: dict[str, str] | None = None,
+                    max_output: int = 64 * 1024) -> ExecResult:
+    """Run a command feeding it `chunks` on stdin (then EOF); returns its exit code and (bounded) output.
+
+    The output is drained on a thread while stdin is written, so a chatty command cannot block the writer.
+    """
+    with _guard("running command"):
+        api = _client().api
+        exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=False, user=user,
+                                  workdir=workdir, environment=environment)["Id"]
+        socket_io = api.exec_start(exec_id, socket=True)
+        sock: socket.socket = socket_io._sock
+        output = bytearray()
+
+        def keep(_stream: int, data: bytes) -> None:
+            if len(output) < max_output:
+                output.extend(data[: max_output - len(output)])
+
+        reader = threading.Thread(target=_read_frames, args=(sock, keep), daemon=True, name="lsl-exec-reader")
+        reader.start()
+        try:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the command exited early (e.g. tar failed): its exit code says why
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            reader.join(timeout=settings.LSL_DOCKER_TIMEOUT)
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            del socket_io
+        code = _wait_exit_code(api, exec_id)
+    return ExecResult(exit_code=code, output=bytes(output))
+
+
+@dataclass
+class ExecOutput:
+    """A running command's stdout as chunks; stderr and the exit code are available once drained."""
+
+    chunks: Iterator[bytes]
+    stderr: bytearray
+    exit_code: Callable[[], int]
+
+
+def exec_output(container_id: str, cmd: list[str], *, user: str = "", workdir: str | None = None,
+                environment: dict[str, str] | None = None) -> ExecOutput:
+    """Start a command and stream its stdout separately from its stderr (for binary output such as tar)."""
+    with _guard("running command"):
+        api = _client().api
+        exec_id = api.exec_create(container_id, cmd, stdout=True, stderr=True, tty=False, user=user, workdir=workdir,
+                                  environment=environment)["Id"]
+        frames = api.exec_start(exec_id, stream=True, demux=True)
+    stderr = bytearray()
+
+    def stdout_chunks() -> Iterator[bytes]:
+        with _guard("reading command output"):
+            for out, err in frames:
+                if err and len(stderr) < 64 * 1024:
+                    stderr.extend(err)
+                if out:
+                    yield out
+
+    def exit_code() -> int:
+        with _guard("inspecting command"):
+            return _wait_exit_code(api, exec_id)
+
+    return ExecOutput(chunks=stdout_chunks(), stderr=stderr, exit_code=exit_code)
+
+
+def running_exec_count(container_id: str) -> int:
+    """How many execs (terminals, `lsl exec`, file transfers...) are running in the container now."""
+    with _guard("inspecting execs"):
+        api = _client().api
+        try:
+            exec_ids = api.inspect_container(container_id).get("ExecIDs") or []
+        except docker.errors.NotFound:
+            return 0
+        running = 0
+        for exec_id in exec_ids:
+            try:
+                running += bool(api.exec_inspect(exec_id).get("Running"))
+            except docker.errors.NotFound:
+                continue
+    return running
+
+
+# --- snapshots ---------------------------------------------------------------------
+
+def _neutral_labels(extra: dict[str, str]) -> dict[str, str]:
+    # A commit inherits the container's labels; images must not look like an environment's container.
+    return {LABEL_MANAGED: "0", LABEL_ENVIRONMENT: "", LABEL_OWNER: "", LABEL_TEMPLATE: "", LABEL_INSTANCE: "", **extra}
+
+
+def commit_container(container_id: str, repository: str, tag: str, *, labels: dict[str, str],
+                     copy_paths: tuple[str, ...] = ()) -> str:
+    """Commit a container to `repository:tag`; returns the image id.
+
+    A commit leaves out volumes, so each of `copy_paths` (e.g. the workspace) is copied
+    from the container into the image: commit, create a helper container from that
+    image, stream the paths into it, and commit the helper.
+    """
+    ref = f"{repository}:{tag}"
+    with _guard(f"committing {ref}"):
+        api = _client().api
+        conf = {"Labels": _neutral_labels(labels)}
+        if not copy_paths:
+            return api.commit(container_id, repository=repository, tag=tag, conf=conf)["Id"]
+        base = api.commit(container_id, conf=conf)["Id"]
+        helper = api.create_container(base, command=KEEPALIVE_COMMAND,
+                                      labels={LABEL_INSTANCE: settings.LSL_INSTANCE, LABEL_MANAGED: "0", "lsl.helper": "snapshot"})["Id"]
+        try:
+            for path in copy_paths:
+                stream, _stat = api.get_archive(container_id, path)
+                parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
+                if not api.put_archive(helper, parent, stream):
+                    raise EngineError(f"committing {ref}: could not copy {path} into the image")
+            image_id = api.commit(helper, repository=repository, tag=tag, conf=conf)["Id"]
+        finally:
+            api.remove_container(helper, force=True)
+            try:
+                api.remove_image(base, noprune=True)
+            except docker.errors.APIError:
+                pass  # still the parent of the new image: it stays, untagged
+        return image_id
 
 
 def remove_instance_resources() -> int:

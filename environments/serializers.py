@@ -16,11 +16,13 @@ class TemplateSerializer(serializers.ModelSerializer):
     class Meta:
         model = Template
         fields = ["slug", "image", "description", "shell", "env", "cpus", "memory_mb", "pids", "network_modes",
-                  "mounts", "allow_user_mounts", "setup", "labels", "public", "teams"]
+                  "mounts", "allow_user_mounts", "allow_sudo", "setup", "user_setup", "labels", "public", "teams",
+                  "snapshot_of"]
 
 
 class MountField(serializers.Field):
-    """Accepts `"SRC:DST[:ro]"` or `{"source", "target", "read_only"}`."""
+    """Accepts `"SRC:DST[:ro]"`, `"volume:NAME:DST[:ro]"`, `{"source", "target", "read_only"}` or
+    `{"volume", "target", "read_only"}`."""
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         if isinstance(data, str):
@@ -33,7 +35,13 @@ class MountField(serializers.Field):
             if extra:
                 raise serializers.ValidationError(f"unknown keys: {', '.join(sorted(extra))}")
             return {"source": data["source"], "target": data["target"], "read_only": bool(data.get("read_only", False))}
-        raise serializers.ValidationError('expected "SRC:DST[:ro]" or {"source": ..., "target": ..., "read_only": bool}')
+        if isinstance(data, dict) and isinstance(data.get("volume"), str) and isinstance(data.get("target"), str):
+            extra = set(data) - {"volume", "target", "read_only"}
+            if extra:
+                raise serializers.ValidationError(f"unknown keys: {', '.join(sorted(extra))}")
+            return {"volume": data["volume"], "target": data["target"], "read_only": bool(data.get("read_only", False))}
+        raise serializers.ValidationError('expected "SRC:DST[:ro]", "volume:NAME:DST[:ro]", '
+                                          'or {"source"|"volume": ..., "target": ..., "read_only": bool}')
 
     def to_representation(self, value: Any) -> Any:
         return value
@@ -54,9 +62,10 @@ class EnvironmentSerializer(serializers.ModelSerializer):
         model = Environment
         fields = ["id", "name", "owner", "team", "template", "image", "status", "container_id", "cpus", "memory_mb",
                   "pids", "network_mode", "mounts", "workspace_volume", "progress", "last_error", "role",
-                  "created_at", "updated_at", "started_at", "stopped_at"]
+                  "created_at", "updated_at", "started_at", "stopped_at", "stop_reason", "setup_status", "identity"]
         read_only_fields = ["id", "owner", "image", "status", "container_id", "pids", "workspace_volume", "progress",
-                            "last_error", "created_at", "updated_at", "started_at", "stopped_at"]
+                            "last_error", "created_at", "updated_at", "started_at", "stopped_at", "stop_reason",
+                            "setup_status", "identity"]
         validators: list[Any] = []  # uniqueness per owner is checked (with a clear message) in services
 
     def get_role(self, env: Environment) -> str | None:

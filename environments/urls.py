@@ -1,10 +1,22 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from environments import api_host
 from environments.api import EnvironmentViewSet, MonitorView, TemplateViewSet
 
 router = SimpleRouter()
 router.register("templates", TemplateViewSet, basename="template")
 router.register("environments", EnvironmentViewSet, basename="environment")
+router.register("volumes", api_host.TeamVolumeViewSet, basename="volume")
 
-urlpatterns = [*router.urls, path("monitor/", MonitorView.as_view(), name="monitor")]
+urlpatterns = [
+    *router.urls,
+    path("monitor/", MonitorView.as_view(), name="monitor"),
+    # Host integration (docs/host-integration.md).
+    path("environments/from-yaml/", api_host.FromYamlView.as_view(), name="environment-from-yaml"),
+    path("environments/<uuid:pk>/files/", api_host.FilesView.as_view(), name="environment-files"),
+    path("environments/<uuid:pk>/setup-log/", api_host.SetupLogView.as_view(), name="environment-setup-log"),
+    path("environments/<uuid:pk>/snapshot/", api_host.SnapshotView.as_view(), name="environment-snapshot"),
+    path("environments/<uuid:pk>/export/", api_host.ExportView.as_view(), name="environment-export"),
+    path("quotas/", api_host.QuotaView.as_view(), name="quotas"),
+]

@@ -9,8 +9,10 @@ from typing import Any
 from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.models import Group
 from django.core.cache import cache
 from django.http import HttpRequest
+from django.utils.text import slugify
 
 from accounts.models import Team, TeamRole
 from environments.models import NetworkMode, Role, usable_templates
@@ -124,3 +126,22 @@ class TokenCreateForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="e.g. the machine or script using it")
     expires_in_days = forms.IntegerField(min_value=1, max_value=3650, required=False,
                                          help_text="Leave empty for a token that does not expire.")
+
+
+class TeamCreateForm(forms.Form):
+    name = forms.CharField(max_length=100, label="Team name", help_text="Its slug (used to share environments) is derived from it.")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        name = (data.get("name") or "").strip()
+        if not name:
+            return data
+        slug = slugify(name)
+        if not slug:
+            self.add_error("name", "A team name needs at least one letter or digit.")
+        elif Team.objects.filter(name__iexact=name).exists() or Team.objects.filter(slug=slug).exists() \
+                or Group.objects.filter(name=f"team:{slug}").exists():
+            # Names differing only in case or punctuation would share a slug: refuse them the same way.
+            self.add_error("name", f"A team named {name!r} (slug {slug!r}) already exists.")
+        data["name"], data["slug"] = name, slug
+        return data

@@ -16,19 +16,22 @@ from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError, transaction
 from django.db.models import Prefetch, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 from rest_framework.exceptions import ValidationError as ServiceValidationError
 
 from accounts import services as account_services
 from accounts.models import APIToken, Membership, Team, TeamRole
-from environments import runtime, services
+from environments import metrics, runtime, services
 from environments.models import Environment, Role, Status
 from environments.permissions import make_checker, role_for
-from frontend.forms import EnvironmentCreateForm, MemberForm, ShareForm, ThrottledAuthenticationForm, TokenCreateForm
+from frontend.forms import (EnvironmentCreateForm, MemberForm, ShareForm, TeamCreateForm, ThrottledAuthenticationForm,
+                            TokenCreateForm)
 from sessions.models import Participation, TerminalSession
 
 
@@ -236,6 +239,45 @@ def environment_revoke(request: HttpRequest, env_id: uuid.UUID, grant_id: str) -
     return redirect("environment", env_id=env.id)
 
 
+# --- monitoring --------------------------------------------------------------------------
+# Both pages render what is cheap server-side (host figures, rows, live sessions) and leave the
+# container figures and charts to frontend/src/monitor.js, which polls /api/v1/monitor/ every 2 s.
+
+def _is_staff(user: Any) -> bool:
+    return bool(user.is_staff or user.is_superuser)
+
+
+@login_required
+def monitor(request: HttpRequest) -> HttpResponse:
+    if not _is_staff(request.user):
+        raise PermissionDenied("The monitoring page is for staff; each environment has its own monitor page.")
+    envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
+    services.reconcile_quietly(envs)
+    live = _live_sessions_by_environment(envs)
+    host = metrics.host_snapshot()
+    context = {
+        "host": host,
+        "memory_percent": _percent(host["memory_used_bytes"], host["memory_total_bytes"]),
+        "disk_percent": _percent(host["disk_used_bytes"], host["disk_total_bytes"]),
+        "rows": [{"env": env, "sessions": live.get(env.pk, [])} for env in envs],
+    }
+    return render(request, "frontend/monitor.html", context)
+
+
+@login_required
+def environment_monitor(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    env, role = _visible_environment(request, env_id)
+    if env.status != Status.CREATING:
+        services.reconcile_quietly([env])
+    context = {"env": env, "role": role, "sessions": _live_sessions_by_environment([env]).get(env.pk, []),
+               "uptime": metrics.uptime_seconds(env)}
+    return render(request, "frontend/environment_monitor.html", context)
+
+
+def _percent(part: float, whole: float) -> float:
+    return round(100.0 * part / whole, 1) if whole else 0.0
+
+
 # --- terminal sessions ---------------------------------------------------------------
 
 def _session_environment(request: HttpRequest, session_id: uuid.UUID) -> tuple[TerminalSession, Environment, Role]:
@@ -281,12 +323,36 @@ def _my_teams(user: Any) -> QuerySet[Team]:
     return qs if user.is_superuser else qs.filter(memberships__user=user).distinct()
 
 
-@login_required
-def teams(request: HttpRequest) -> HttpResponse:
+def _teams_page(request: HttpRequest, create_form: TeamCreateForm | None = None, status: int = 200) -> HttpResponse:
     rows = [{"team": team, "manage": _can_manage(request.user, team),
              "members": sorted(team.memberships.all(), key=lambda m: m.user.username)}
             for team in _my_teams(request.user)]
-    return render(request, "frontend/teams.html", {"rows": rows, "member_form": MemberForm()})
+    context = {"rows": rows, "member_form": MemberForm(), "create_form": create_form or TeamCreateForm()}
+    return render(request, "frontend/teams.html", context, status=status)
+
+
+@login_required
+def teams(request: HttpRequest) -> HttpResponse:
+    return _teams_page(request)
+
+
+@login_required
+@require_POST
+def team_create(request: HttpRequest) -> HttpResponse:
+    """Anyone signed in may create a team (as the API allows) and becomes its owner."""
+    form = TeamCreateForm(request.POST)
+    if form.is_valid():
+        name, slug = form.cleaned_data["name"], form.cleaned_data["slug"]
+        try:
+            with transaction.atomic():
+                team = account_services.create_team(name, owner=request.user, slug=slug)
+        except IntegrityError:
+            # Someone created the same team between the form's check and ours.
+            form.add_error("name", f"A team named {name!r} already exists.")
+        else:
+            messages.success(request, f"Team {team.name} created; you are its owner.")
+            return redirect(f"{reverse('teams')}#team-{team.slug}")
+    return _teams_page(request, form, status=400)
 
 
 @login_required

@@ -181,10 +181,22 @@ LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
 LSL_RECONCILE_TTL = env_float("LSL_RECONCILE_TTL", 2.0, minimum=0)
 LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)
 LSL_SESSION_RECORD_INPUT = env_bool("LSL_SESSION_RECORD_INPUT", False)
-LSL_SESSION_WINDOW = env_int("LSL_SESSION_WINDOW", 1024 * 1024, minimum=4096)  # unacked bytes per participant
+# Unacked bytes per participant: ~0.5 s of a flood at the engine's TTY rate, so a healthy
+# client's jitter is absorbed while a stalled one costs a bounded 4 MiB.
+LSL_SESSION_WINDOW = env_int("LSL_SESSION_WINDOW", 4 * 1024 * 1024, minimum=4096)
 LSL_SESSION_STALL_TIMEOUT = env_float("LSL_SESSION_STALL_TIMEOUT", 60.0, minimum=1)
 LSL_WS_BASE_URL = env_str("LSL_WS_BASE_URL")  # empty: derived from the request
 LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
+
+# Identity inside environments, idle stop and quotas (docs/host-integration.md).
+LSL_UID_BASE = env_int("LSL_UID_BASE", 10000, minimum=1000)  # default uid/gid = LSL_UID_BASE + user id
+LSL_HOST_NETWORK_ALL_USERS = env_bool("LSL_HOST_NETWORK_ALL_USERS", False)  # else staff or profile.allow_host_network
+LSL_SETUP_LOG_MAX_BYTES = env_int("LSL_SETUP_LOG_MAX_BYTES", 1024 * 1024, minimum=4096)
+LSL_IDLE_STOP_AFTER = env_float("LSL_IDLE_STOP_AFTER", 0.0, minimum=0)  # seconds; 0 = never stop idle environments
+LSL_IDLE_CHECK_INTERVAL = env_float("LSL_IDLE_CHECK_INTERVAL", 60.0, minimum=0.1)
+LSL_QUOTA_USER_ENVIRONMENTS = env_int("LSL_QUOTA_USER_ENVIRONMENTS", 0, minimum=0)  # 0 = unlimited
+LSL_QUOTA_USER_CPUS = env_float("LSL_QUOTA_USER_CPUS", 0.0, minimum=0)
+LSL_QUOTA_USER_MEMORY_MB = env_int("LSL_QUOTA_USER_MEMORY_MB", 0, minimum=0)
 
 LOGGING = {
     "version": 1,

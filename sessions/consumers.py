@@ -62,6 +62,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     hub_channel: str | None = None
     role: Role | None = None
     participation_id: int | None = None
+    group_name: str = ""
 
     async def connect(self) -> None:
         self.session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
@@ -96,7 +97,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
             return
-        await self.channel_layer.group_add(session.group_name, self.channel_name)
+        self.group_name = session.group_name
+        await self.channel_layer.group_add(self.group_name, self.channel_name)
         remote = self.scope.get("client") or ["", 0]
         participation = await database_sync_to_async(services.join)(
             self.session_id, user, role.label, self.client_kind, str(remote[0] or ""))
@@ -119,7 +121,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if watchdog is not None:
             watchdog.cancel()
         if self.hub_channel is not None:
-            await self.channel_layer.group_discard(f"term.{self.session_id.replace('-', '')}", self.channel_name)
+            await self.channel_layer.group_discard(self.group_name, self.channel_name)
             await self._to_hub("hub.leave")
         if self.participation_id is not None:
             await database_sync_to_async(services.leave)(self.participation_id)
@@ -168,7 +170,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.acked = max(self.acked, value)
         if self.paused_since is not None and not self.awaiting_snapshot and self.sent - self.acked <= self.window // 2:
             # Caught up (clients ack at least every window/2 bytes, so the last ack may trail
-            # what they hold by up to that much): redraw from the current screen.
+            # what they hold by up to that much): rejoin and redraw from the current screen.
+            await self.channel_layer.group_add(self.group_name, self.channel_name)
             await self._request_snapshot()
 
     # --- hub → client (channel-layer handlers) -----------------------------------------
@@ -200,7 +203,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self._check_stalled()
             return
         if self.sent - self.acked > self.window:
-            self.paused_since = time.monotonic()  # stop feeding it; resync once it catches up
+            # Stop feeding it, and leave the group so a stalled participant costs the
+            # process nothing per chunk; it rejoins and is resynced once it catches up.
+            self.paused_since = time.monotonic()
+            await self.channel_layer.group_discard(self.group_name, self.channel_name)
             log.info("session %s: %s fell %d bytes behind, pausing", self.session_id, self.user, self.sent - self.acked)
             return
         self.sent += len(data)

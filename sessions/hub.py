@@ -23,6 +23,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from environments import runtime
+from environments.services import shell_session_identity
 from sessions import services
 from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.recording import Recorder
@@ -93,8 +94,9 @@ class Hub:
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        user, user_env = await database_sync_to_async(shell_session_identity)(self.container_id)  # the environment user
         self.exec = await in_docker_thread(runtime.exec_open_tty, self.container_id, self.command,
-                                           cols=self.cols, rows=self.rows, workdir=runtime.WORKSPACE_PATH)
+                                           cols=self.cols, rows=self.rows, workdir=runtime.WORKSPACE_PATH, user=user, environment=user_env)
         self.exec.sock.setblocking(False)
         HUBS[self.session_id] = self
         for coro in (self._read_pty(), self._receive(), self._heartbeat(), self._flush_recording()):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -46,19 +48,53 @@ class StalledClient:
         self.sock.close()
 
 
+async def _flood(ws_url: str, token: str) -> tuple[float, bytes, int]:
+    """One lean asyncio participant (no pyte, one thread) runs the flood and keeps every live byte.
+
+    Returns (seconds from START to END, the bytes between the markers, snapshots received
+    after joining — a healthy participant must get none)."""
+    from websockets.asyncio.client import connect
+
+    async with connect(f"{ws_url}?client=cli", additional_headers={"Authorization": f"Token {token}"},
+                       max_size=None, compression=None, max_queue=None) as ws:
+        output, received, acked, snapshots = bytearray(), 0, 0, 0
+        expect_snapshot, started, scanned = False, None, 0
+        joined = False
+        async for message in ws:
+            if isinstance(message, str):
+                event = json.loads(message)
+                if event["type"] == "snapshot":
+                    expect_snapshot = True
+                    if joined:  # resynced: it fell behind, and the rest of the stream is gone for it
+                        return 0.0, b"", 1
+                continue
+            received += len(message)
+            if received - acked >= 64 * 1024:
+                acked = received
+                await ws.send(json.dumps({"type": "ack", "bytes": received}))
+            if expect_snapshot:
+                expect_snapshot = False
+                if not joined:
+                    joined = True
+                    await ws.send(FLOOD.encode())
+                continue
+            output += message
+            if started is None and b"START\r\n" in output[max(0, scanned - 8):]:
+                started = time.monotonic()
+            if started is not None and output.find(b"END\r\n", max(0, scanned - 8)) >= 0:
+                elapsed = time.monotonic() - started
+                break
+            scanned = len(output)
+        await ws.send(json.dumps({"type": "ack", "bytes": received}))
+    data = bytes(output)
+    begin = data.index(b"START\r\n") + len(b"START\r\n")
+    return elapsed, data[begin:data.index(b"END\r\n", begin)], snapshots
+
+
 def flood_once(cast: Cast, session: dict[str, Any]) -> tuple[float, bytes]:
-    """Run the flood with a fresh healthy participant; return (seconds, what it saw between the markers)."""
-    healthy = cast.join(session, "alice", render=False)
-    healthy.output.clear()
-    healthy.send_input(FLOOD)
-    healthy.wait_output(b"START\r\n", timeout=30)
-    started = time.monotonic()
-    healthy.wait_output(b"END\r\n", timeout=180)
-    elapsed = time.monotonic() - started
-    output = bytes(healthy.output)
-    healthy.close()
-    begin = output.index(b"START\r\n") + len(b"START\r\n")
-    return elapsed, output[begin:output.index(b"END\r\n", begin)]
+    elapsed, data, snapshots = asyncio.run(asyncio.wait_for(_flood(session["ws_url"], cast.tokens["alice"]), 300))
+    assert snapshots == 0, "the healthy participant fell behind and was resynced"
+    return elapsed, data
 
 
 def test_stalled_participant_does_not_slow_others(cast_debian: Cast) -> None:

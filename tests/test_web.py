@@ -367,3 +367,130 @@ def test_start_stop_restart_through_the_web(people: Any, make_env: Any) -> None:
     assert client.post(f"{url}delete/", {"purge": "on"}).status_code == 302
     assert runtime.container_state(env.container_id) is None
     assert not runtime.volume_exists(env.workspace_volume)
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_monitor_page_is_for_staff(world: World) -> None:
+    staff = world.client("staff")
+    page = html(staff.get("/monitor/"))
+    for tile in ("host-cpu", "host-memory", "host-disk", "host-engine", "chart-host-cpu", "chart-env-cpu", "monitor-envs"):
+        assert has_id(page, tile), tile
+    assert f'data-env="{world.env.id}"' in page and "pairing" in page  # every environment, with its live sessions
+    assert f'href="/environments/{world.env.id}/monitor/"' in page
+    assert "frontend/dist/monitor.js" in page and 'mountMonitor({mode: "host"})' in page
+    assert 'id="nav-monitor"' in page
+
+    for who in ("owner", "viewer", "admin", "outsider"):
+        response = world.client(who).get("/monitor/")
+        assert response.status_code == 403, who
+        assert "host-cpu" not in html(response), who
+        assert 'id="nav-monitor"' not in html(world.client(who).get("/")), who
+    anonymous = world.client("anonymous").get("/monitor/")
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/login/")
+
+
+@pytest.mark.django_db
+def test_environment_monitor_page_follows_visibility(world: World) -> None:
+    url = f"{world.env_url}monitor/"
+    for who in ("viewer", "member", "admin", "owner", "staff"):
+        response = world.client(who).get(url)
+        assert response.status_code == 200, who
+        page = html(response)
+        for element in ("env-cpu", "env-memory", "env-network", "env-pids", "env-uptime", "chart-cpu", "monitor-sessions"):
+            assert has_id(page, element), (who, element)
+        assert "host-cpu" not in page and "host-disk" not in page  # host figures are for the staff page only
+        assert "pairing" in page and "alice · admin · web" in page
+    assert world.client("outsider").get(url).status_code == 404
+    assert world.client("viewer").get("/environments/00000000-0000-0000-0000-000000000000/monitor/").status_code == 404
+    assert world.client("anonymous").get(url).status_code == 302
+    # Reached from the environment page, by anyone who can see it.
+    assert f'href="{url}"' in html(world.client("viewer").get(world.env_url))
+
+
+@pytest.mark.django_db
+def test_monitor_api_reports_live_sessions_and_participants(world: World) -> None:
+    people = world.people
+    Participation.objects.create(session=world.session, user=people.viewer, role="viewer", client_kind="cli")
+    Participation.objects.create(session=world.session, user=people.member, role="member", client_kind="web",
+                                 left_at=world.session.created_at)  # gone again
+    TerminalSession.objects.create(environment=world.env, environment_name=world.env.name, name="old",
+                                   creator=people.owner, ended_at=world.session.created_at)
+
+    data = api_client(people.viewer).get("/api/v1/monitor/").json()
+    [env] = [e for e in data["environments"] if e["id"] == str(world.env.id)]
+    assert env["sessions"] == [{
+        "id": str(world.session.id), "name": "pairing", "created_at": env["sessions"][0]["created_at"],
+        "participants": [{"user": "alice", "role": "admin", "client": "web"}, {"user": "victor", "role": "viewer", "client": "cli"}],
+    }]
+    assert env["limits"] == {"cpus": 0.5, "memory_bytes": 256 * 1024 * 1024, "pids": 128}
+
+    # ?environment= narrows to one, still filtered by permission.
+    one = api_client(people.viewer).get(f"/api/v1/monitor/?environment={world.env.id}")
+    assert one.status_code == 200 and [e["id"] for e in one.json()["environments"]] == [str(world.env.id)]
+    for who, env_id in (("outsider", world.env.id), ("viewer", "00000000-0000-0000-0000-000000000000"), ("viewer", "nope")):
+        response = api_client(getattr(people, who)).get(f"/api/v1/monitor/?environment={env_id}")
+        assert response.status_code == 404, (who, env_id)
+    assert api_client(people.outsider).get("/api/v1/monitor/").json()["environments"] == []
+    quick = api_client(people.viewer).get("/api/v1/monitor/?stats=0").json()
+    assert all(e["stats"] is None for e in quick["environments"]) and "engine" not in quick["host"]
+
+
+@pytest.mark.django_db
+def test_monitor_api_query_count_does_not_grow_with_sessions(world: World) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client = api_client(world.people.staff)
+
+    def queries() -> int:
+        client.get("/api/v1/monitor/?stats=0")  # the first call may reconcile (write) statuses
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get("/api/v1/monitor/?stats=0").status_code == 200
+        return len(captured)
+
+    before = queries()
+    for i in range(5):
+        env = Environment.objects.create(name=f"more-{i}", owner=world.people.owner, template=world.env.template,
+                                         image="x", status="stopped", cpus=1, memory_mb=64, pids=64)
+        for j in range(3):
+            session = TerminalSession.objects.create(environment=env, environment_name=env.name, name=f"s{j}",
+                                                     creator=world.people.owner)
+            for user in (world.people.owner, world.people.viewer):
+                Participation.objects.create(session=session, user=user, role="admin", client_kind="web")
+    assert queries() == before
+
+
+@pytest.mark.django_db
+def test_dashboard_refreshes_itself(world: World) -> None:
+    page = html(world.client("viewer").get("/"))
+    assert "/api/v1/monitor/?stats=0" in page and has_id(page, "dashboard-updated") and has_id(page, "dashboard-new")
+
+
+# --- team creation ---------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_anyone_can_create_a_team_and_owns_it(world: World) -> None:
+    from accounts.models import Team
+
+    client = world.client("outsider")
+    assert has_id(html(client.get("/teams/")), "team-create-form")
+    created = client.post("/teams/new/", {"name": "  Data Platform "})
+    assert created.status_code == 302 and created["Location"] == "/teams/#team-data-platform"
+    team = Team.objects.get(slug="data-platform")
+    assert team.name == "Data Platform"
+    assert Membership.objects.get(team=team, user=world.people.outsider).role == TeamRole.OWNER
+    assert world.people.outsider.groups.filter(pk=team.group_id).exists()
+    page = html(client.get("/teams/"))
+    assert "Team Data Platform created" in page and 'id="team-data-platform"' in page and "add-member" in page
+
+    for name in ("Data Platform", "data platform", "Data-Platform!", "platform"):
+        duplicate = client.post("/teams/new/", {"name": name})
+        assert duplicate.status_code == 400, name
+        assert "already exists" in html(duplicate) and has_id(html(duplicate), "team-create-errors"), name
+    assert client.post("/teams/new/", {"name": "!!!"}).status_code == 400
+    assert client.post("/teams/new/", {"name": ""}).status_code == 400
+    assert client.get("/teams/new/").status_code == 405
+    assert world.client("anonymous").post("/teams/new/", {"name": "Sneaky"}).status_code == 302
+    assert Team.objects.count() == 2  # Platform and Data Platform
