@@ -244,7 +244,8 @@ def _validate_tar(body: IO[bytes]) -> int:
 
 
 # Paths are absolute (checked above), so none can be taken for an option.
-_EXTRACT = 'mkdir -p "$1" && cd "$1" && exec tar -x -o -p -f -'
+# umask 000 so tar -p restores the archived modes exactly (busybox tar applies the umask for non-root).
+_EXTRACT = 'mkdir -p "$1" && cd "$1" && umask 000 && exec tar -x -o -p -f -'
 _WRITE = 'mkdir -p "$(dirname "$1")" && cat > "$1" && { [ -z "$2" ] || chmod "$2" "$1"; }'
 
 

@@ -23,6 +23,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as ServiceValidationError
 
 from accounts import services as account_services
@@ -180,6 +181,10 @@ def environment_action(request: HttpRequest, env_id: uuid.UUID, action: str) -> 
         service(env)
     except runtime.EngineError as exc:
         messages.error(request, f"Could not {action} {env.name}: {exc}")
+    except APIException as exc:  # refusals from the services (a quota, a state rule): a message, not a 500
+        lines = _service_errors(exc) if isinstance(exc, ServiceValidationError) else [str(exc.detail)]
+        for line in lines:
+            messages.error(request, f"Could not {action} {env.name}: {line}")
     else:
         messages.success(request, f"{env.name} {done}.")
     return redirect("environment", env_id=env.id)

@@ -209,15 +209,18 @@ def images(as_json: bool) -> None:
     templates = state().client.get_all("templates/")
     if as_json:
         return print_json(templates)
-    table(templates, [
-        ("TEMPLATE", lambda t: t["slug"]),
-        ("IMAGE", lambda t: t.get("image")),
-        ("CPUS", lambda t: t.get("cpus")),
-        ("MEMORY", lambda t: f"{t['memory_mb']}m" if t.get("memory_mb") else None),
-        ("NETWORK", lambda t: t.get("network_modes")),
-        ("DESCRIPTION", lambda t: t.get("description")),
-    ], empty="no templates available to you")
+    table(templates, TEMPLATE_COLUMNS, empty="no templates available to you")
     return None
+
+
+TEMPLATE_COLUMNS = [
+    ("TEMPLATE", lambda t: t["slug"]),
+    ("IMAGE", lambda t: t.get("image")),
+    ("CPUS", lambda t: t.get("cpus")),
+    ("MEMORY", lambda t: f"{t['memory_mb']}m" if t.get("memory_mb") else None),
+    ("NETWORK", lambda t: t.get("network_modes")),
+    ("DESCRIPTION", lambda t: t.get("description")),
+]
 
 
 def parse_memory(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> int | None:
@@ -249,8 +252,11 @@ def parse_mounts(ctx: click.Context | None, param: click.Parameter | None, value
 
 
 @cli.command()
-@click.argument("name")
-@click.option("-t", "--template", required=True, help="Template slug (see 'lsl images').")
+@click.argument("name", required=False)
+@click.option("-t", "--template", help="Template slug (see 'lsl images').")
+@click.option("--from", "from_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Create from an environment file (see 'lsl export'); '-' reads stdin.")
+@click.option("--name", "name_option", help="With --from: the new environment's name (overrides the file's).")
 @click.option("--team", help="Team slug to create the environment in (its members get access).")
 @click.option("--network", type=click.Choice(["host", "bridge", "none"]), help="Network mode.")
 @click.option("--mount", "mounts", multiple=True, callback=parse_mounts, metavar="SRC:DST[:ro]",
@@ -260,25 +266,44 @@ def parse_mounts(ctx: click.Context | None, param: click.Parameter | None, value
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it runs (with a progress bar).")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for it to run.")
 @json_option
-def create(name: str, template: str, team: str | None, network: str | None, mounts: list[str], cpus: float | None,
-           memory: int | None, wait: bool, timeout: float, as_json: bool) -> int:
+def create(name: str | None, template: str | None, from_file: str | None, name_option: str | None, team: str | None,
+           network: str | None, mounts: list[str], cpus: float | None, memory: int | None, wait: bool, timeout: float,
+           as_json: bool) -> int:
     """Create an environment and wait until it runs.
 
-    The server pulls the image if needed; a progress bar follows it.
+    The server pulls the image if needed; a progress bar follows it. With
+    --from, everything comes from an environment file (as 'lsl export'
+    writes it); problems in it are listed as FILE:LINE:COL: path: message.
 
     \b
     Examples:
       lsl create dev --template debian
       lsl create api --template python --team platform --network bridge --cpus 2 --memory 2g
       lsl create data --template debian --mount /srv/data:/data:ro
+      lsl create --from dev.lsl.yaml --name dev2
     """
-    body: dict[str, Any] = {"name": name, "template": template}
-    optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory}
-    body.update({key: value for key, value in optional.items() if value is not None})
-    if mounts:
-        body["mounts"] = mounts
     client = state().client
-    env = client.post("environments/", body)
+    if from_file is not None:
+        extra = {"--template": template, "--team": team, "--network": network, "--cpus": cpus, "--memory": memory,
+                 "--mount": mounts or None}
+        given = [option for option, value in extra.items() if value is not None]
+        if given:
+            raise UsageFailure(f"{', '.join(given)} cannot be combined with --from (edit the file instead)")
+        if name and name_option and name != name_option:
+            raise UsageFailure("give the name once (NAME or --name)")
+        env = _create_from_file(client, from_file, name or name_option)
+        name = env.get("name") or name or name_option or "?"
+    else:
+        if name_option:
+            name = name or name_option
+        if not name or not template:
+            raise UsageFailure("give NAME and --template (or --from FILE)")
+        body: dict[str, Any] = {"name": name, "template": template}
+        optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory}
+        body.update({key: value for key, value in optional.items() if value is not None})
+        if mounts:
+            body["mounts"] = mounts
+        env = client.post("environments/", body)
     if wait:
         from lsl.progress import wait_for_environment
 
@@ -291,6 +316,29 @@ def create(name: str, template: str, team: str | None, network: str | None, moun
         hint = f"; attach with: lsl shell {name}" if env.get("status") == "running" else ""
         err.print(f"{name}: {env.get('status')} ({env.get('id')}){hint}")
     return 0
+
+
+def _create_from_file(client: Client, path: str, name: str | None) -> dict[str, Any]:
+    """POST the file to from-yaml; the server's `FILE:LINE:COL: path: message` problems go to stderr one per line."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageFailure(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    filename = "stdin.yaml" if path == "-" else os.path.basename(path)
+    body: dict[str, Any] = {"yaml": text, "filename": filename}
+    if name:
+        body["name"] = name
+    try:
+        return dict(client.json("POST", "environments/from-yaml/", json=body, params={"name": name} if name else None))
+    except (UsageFailure, AuthError) as exc:
+        problems = exc.fields.get("yaml") if isinstance(exc.fields, dict) else None
+        if not problems:
+            raise
+        lines = problems if isinstance(problems, list) else [problems]
+        for line in lines:
+            sys.stderr.write(f"{line}\n")
+        sys.stderr.flush()
+        raise type(exc)(f"{filename}: {len(lines)} problem{'s' if len(lines) != 1 else ''} in the environment file") from None
 
 
 ENV_COLUMNS = [
@@ -397,6 +445,200 @@ def info(environment: str, as_json: bool) -> None:
         ("progress", progress.get("phase")), ("last error", env.get("last_error")),
         ("created", env.get("created_at")), ("started", env.get("started_at")), ("stopped", env.get("stopped_at")),
     ])
+    return None
+
+
+# --- files, environment files, snapshots ----------------------------------------------
+
+@cli.command()
+@click.argument("source", metavar="SRC")
+@click.argument("destination", metavar="DST")
+@click.option("-r", "--recursive", is_flag=True, help="Copy a directory (into DST, created if missing).")
+def cp(source: str, destination: str, recursive: bool) -> None:
+    """Copy a file or directory to or from an environment.
+
+    Exactly one side is NAME:PATH (environment name or id, absolute path
+    inside). A file goes to exactly DST (into DST if it ends with '/') and
+    keeps its mode. With -r a directory is copied *into* the directory DST,
+    under its own name. Transfers run as the environment's user.
+
+    \b
+    Examples:
+      lsl cp notes.txt dev:/workspace/notes.txt
+      lsl cp dev:/workspace/build.log .
+      lsl cp -r src dev:/workspace/            # → /workspace/src
+      lsl cp -r dev:/workspace/src backup/     # → backup/src
+    """
+    from lsl.transfer import Remote, download, parse_side, upload
+
+    src, dst = parse_side(source), parse_side(destination)
+    if isinstance(src, Remote) == isinstance(dst, Remote):
+        raise UsageFailure("exactly one of SRC and DST must be NAME:/absolute/path")
+    client = state().client
+    if isinstance(dst, Remote):
+        summary = upload(client, str(src), dst, recursive)
+    else:
+        assert isinstance(src, Remote)
+        summary = download(client, src, str(dst), recursive)
+    err.print(summary, markup=False)
+
+
+@cli.command()
+@environment_argument
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), help="File to write (default: stdout).")
+def export(environment: str, output: str | None) -> None:
+    """Print an environment as an environment file (YAML).
+
+    Template, team, network, limits and mounts; 'lsl create --from FILE'
+    makes a new environment from it.
+
+    \b
+    Examples:
+      lsl export dev > dev.lsl.yaml
+      lsl export dev -o dev.lsl.yaml && lsl create --from dev.lsl.yaml --name dev2
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    text = client.request("GET", f"environments/{env['id']}/export/").text
+    if output in (None, "-"):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with open(output, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    err.print(f"wrote {output}", markup=False)
+
+
+@cli.command()
+@environment_argument
+@click.argument("slug")
+@click.option("--team", "teams", multiple=True, metavar="TEAM", help="Team that may use the snapshot (repeatable).")
+@click.option("-d", "--description", help="Description of the new template.")
+@click.option("--no-workspace", is_flag=True, help="Leave the workspace's files out.")
+@json_option
+def snapshot(environment: str, slug: str, teams: tuple[str, ...], description: str | None, no_workspace: bool,
+             as_json: bool) -> None:
+    """Save an environment (with its workspace) as a private template.
+
+    You (and the --team teams) can then create environments from SLUG.
+
+    \b
+    Examples:
+      lsl snapshot dev dev-base
+      lsl snapshot dev dev-base --team platform -d "dev with tools"
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    body: dict[str, Any] = {"slug": slug, "include_workspace": not no_workspace}
+    if teams:
+        body["teams"] = list(teams)
+    if description:
+        body["description"] = description
+    err.print(f"{env['name']}: saving snapshot {slug}…", markup=False)
+    template = client.json("POST", f"environments/{env['id']}/snapshot/", json=body, timeout=(5.0, None))
+    if as_json:
+        return print_json(template)
+    table([template], TEMPLATE_COLUMNS)
+    err.print(f"create from it: lsl create NAME --template {template.get('slug', slug)}", markup=False)
+    return None
+
+
+# --- team volumes and quotas ------------------------------------------------------------
+
+VOLUME_COLUMNS = [
+    ("NAME", lambda v: v.get("name")),
+    ("TEAM", lambda v: v.get("team")),
+    ("CREATOR", lambda v: v.get("created_by")),
+    ("MOUNT", lambda v: v.get("mount")),
+    ("DOCKER VOLUME", lambda v: v.get("volume_name")),
+    ("CREATED", lambda v: ago(v.get("created_at"))),
+    ("ID", lambda v: v.get("id")),
+]
+
+
+@cli.group(context_settings=CONTEXT)
+def volume() -> None:
+    """Team volumes: named volumes a team's environments can share.
+
+    \b
+    Examples:
+      lsl volume create cache --team platform
+      lsl create dev --template debian --team platform --mount volume:cache:/cache
+      lsl volume ls
+      lsl volume rm cache
+    """
+
+
+@volume.command("ls")
+@click.option("--team", help="Only this team's volumes.")
+@json_option
+def volume_ls(team: str | None, as_json: bool) -> None:
+    """List your teams' volumes."""
+    volumes = state().client.get_all("volumes/", team=team)
+    if as_json:
+        return print_json(volumes)
+    table(volumes, VOLUME_COLUMNS, empty="no team volumes (create one: lsl volume create NAME --team T)")
+    return None
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--team", required=True, help="Team that owns the volume (you must be a member).")
+@json_option
+def volume_create(name: str, team: str, as_json: bool) -> None:
+    """Create a team volume."""
+    created = state().client.post("volumes/", {"team": team, "name": name})
+    if as_json:
+        return print_json(created)
+    err.print(f"volume {created.get('name', name)} created for team {created.get('team', team)}; "
+              f"mount it with --mount {created.get('mount') or f'volume:{name}:/mnt/{name}'}", markup=False)
+    return None
+
+
+@volume.command("rm")
+@click.argument("name")
+@click.option("--team", help="The volume's team (when several of your teams have one with this name).")
+def volume_rm(name: str, team: str | None) -> None:
+    """Delete a team volume and its data (refused while an environment mounts it)."""
+    client = state().client
+    matches = [v for v in client.get_all("volumes/", team=team) if name in (v.get("name"), str(v.get("id")))]
+    if not matches:
+        raise NotFound(f"no team volume named {name!r}" + (f" in team {team!r}" if team else ""))
+    if len(matches) > 1:
+        teams = ", ".join(sorted(str(v.get("team")) for v in matches))
+        raise UsageFailure(f"{name!r} is ambiguous (teams {teams}), add --team")
+    client.delete(f"volumes/{matches[0]['id']}/")
+    err.print(f"volume {matches[0].get('name')} of team {matches[0].get('team')} deleted", markup=False)
+
+
+def _usage_of(used: Any, limit: Any, unit: str = "") -> str:
+    used_text = f"{used:g}" if isinstance(used, float) else str(used)
+    limit_text = "unlimited" if not limit else (f"{limit:g}" if isinstance(limit, float) else str(limit)) + unit
+    return f"{used_text}{unit} / {limit_text}"
+
+
+@cli.command()
+@json_option
+def quota(as_json: bool) -> None:
+    """Show your quotas and your teams' (usage / limit; CPUs and memory count running environments).
+
+    \b
+    Example:
+      lsl quota
+    """
+    answer = state().client.get("quotas/")
+    if as_json:
+        return print_json(answer)
+    user = answer.get("user") or {}
+    rows = [{"scope": "user", "name": user.get("name"), **user}]
+    rows += [{"scope": "team", "name": team.get("team"), **team} for team in answer.get("teams") or []]
+
+    def column(key: str, unit: str = "") -> Callable[[dict[str, Any]], str]:
+        return lambda row: _usage_of((row.get("usage") or {}).get(key, 0), (row.get("limits") or {}).get(key, 0), unit)
+
+    table(rows, [("SCOPE", lambda r: r["scope"]), ("NAME", lambda r: r.get("name")),
+                 ("ENVIRONMENTS", column("environments")), ("CPUS", column("cpus")),
+                 ("MEMORY", column("memory_mb", "m"))])
     return None
 
 

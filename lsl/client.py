@@ -40,19 +40,31 @@ def error_message(response: requests.Response) -> str:
     return message
 
 
+def error_fields(response: requests.Response) -> dict[str, Any]:
+    """`error.fields` of the server's error JSON ({} when there are none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    fields = error.get("fields") if isinstance(error, dict) else None
+    return fields if isinstance(fields, dict) else {}
+
+
 def raise_for_status(response: requests.Response) -> None:
     if response.status_code < 400:
         return
     message = error_message(response)
     status = response.status_code
+    fields = error_fields(response)
     if status in (401, 403):
-        raise AuthError(message)
+        raise AuthError(message, fields=fields)
     if status == 404:
         raise NotFound(message)
     if status == 409:
         raise Conflict(message)
     if status in (400, 405, 413, 415, 422):
-        raise UsageFailure(message)
+        raise UsageFailure(message, fields=fields)
     if status == 429:
         raise LslError(f"rate limited: {message}")
     if status >= 500:

@@ -23,8 +23,9 @@ class LslError(Exception):
 
     exit_code = GENERIC
 
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
+    def __init__(self, message: str, exit_code: int | None = None, fields: dict | None = None) -> None:
         super().__init__(message)
+        self.fields: dict = fields or {}
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -494,3 +494,23 @@ def test_anyone_can_create_a_team_and_owns_it(world: World) -> None:
     assert client.get("/teams/new/").status_code == 405
     assert world.client("anonymous").post("/teams/new/", {"name": "Sneaky"}).status_code == 302
     assert Team.objects.count() == 2  # Platform and Data Platform
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_start_refused_by_quota_shows_the_message_not_a_500(people: Any, make_env: Any) -> None:
+    from django.test.utils import override_settings
+
+    from environments import services
+
+    first = make_env(people.owner, name="web-quota-1")
+    services.stop_environment(first)
+    make_env(people.owner, name="web-quota-2")  # 0.5 CPU running
+    client = Client()
+    client.force_login(people.owner)
+    url = f"/environments/{first.id}/"
+    with override_settings(LSL_QUOTA_USER_CPUS=0.5):
+        refused = client.post(f"{url}start/", follow=True)
+    assert refused.status_code == 200
+    page = html(refused)
+    assert "Could not start web-quota-1" in page and "quota exceeded: cpus:" in page
+    assert Environment.objects.get(pk=first.id).status == "stopped"
