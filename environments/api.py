@@ -24,6 +24,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from environments import catalog, metrics, runtime, services
+from environments.files import as_async
 from lsl_site.errors import Conflict
 from environments.models import Environment, Role, Status, Template, usable_templates
 from environments.permissions import make_checker, require_role, role_for
@@ -169,7 +170,8 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         user, user_env = services.shell_identity(env)  # as the environment user, like its terminals
         chunks, exit_code = runtime.exec_stream(env.container_id, data["command"], workdir=data.get("workdir"),
                                                 user=user, environment={**user_env, **(data.get("env") or {})})
-        return StreamingHttpResponse(_exec_lines(chunks, exit_code), content_type="application/x-ndjson")
+        # An async iterator: under ASGI, Django would buffer a plain one until the command ends.
+        return StreamingHttpResponse(as_async(_exec_lines(chunks, exit_code)), content_type="application/x-ndjson")
 
     @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
     @action(detail=True, methods=["get", "post"], serializer_class=GrantSerializer)

@@ -187,7 +187,33 @@ def test_exec_streams_output_and_exit_code(people: Any, make_env: Any) -> None:
     response = api_client(people.owner).post(f"/api/v1/environments/{env.id}/exec/",
                                               {"command": ["sh", "-c", "echo out; echo err >&2; exit 7"]}, format="json")
     assert response.status_code == 200
-    lines = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    import asyncio
+
+    async def collect() -> bytes:  # the body is an async iterator (it streams under ASGI)
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    lines = [json.loads(line) for line in asyncio.run(collect()).splitlines()]
     output = b"".join(base64.b64decode(line["o"]) for line in lines if "o" in line)
     assert b"out\n" in output and b"err\n" in output
     assert lines[-1] == {"exit_code": 7}
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_exec_output_streams_before_the_command_ends(people: Any, make_env: Any, live_server_proc: Any) -> None:
+    import time
+
+    import requests
+
+    from tests.conftest import make_token
+
+    env = make_env(people.owner)
+    headers = {"Authorization": f"Token {make_token(people.owner)}"}
+    started = time.monotonic()
+    with requests.post(f"{live_server_proc.url}/api/v1/environments/{env.id}/exec/", headers=headers, stream=True,
+                       json={"command": ["sh", "-c", "echo first; sleep 3; echo second"]}, timeout=30) as response:
+        lines = response.iter_lines()
+        first = next(lines)
+        first_at = time.monotonic() - started
+        rest = list(lines)
+    assert b'"o"' in first and first_at < 2.5, f"first output only after {first_at:.1f}s"
+    assert rest[-1] == b'{"exit_code": 0}'
