@@ -195,3 +195,16 @@ def make_token(user: Any, name: str = "test") -> str:
     from accounts.services import create_token
 
     return create_token(user, name)[1]
+
+
+def read_streaming(response: Any) -> bytes:
+    """The whole body of a streaming response from the test client; LSL streams with async iterators."""
+    import asyncio
+
+    content = response.streaming_content
+    if hasattr(content, "__aiter__"):
+        async def collect() -> bytes:
+            return b"".join([chunk async for chunk in content])
+
+        return asyncio.run(collect())
+    return b"".join(content)

@@ -187,12 +187,9 @@ def test_exec_streams_output_and_exit_code(people: Any, make_env: Any) -> None:
     response = api_client(people.owner).post(f"/api/v1/environments/{env.id}/exec/",
                                               {"command": ["sh", "-c", "echo out; echo err >&2; exit 7"]}, format="json")
     assert response.status_code == 200
-    import asyncio
+    from tests.conftest import read_streaming
 
-    async def collect() -> bytes:  # the body is an async iterator (it streams under ASGI)
-        return b"".join([chunk async for chunk in response.streaming_content])
-
-    lines = [json.loads(line) for line in asyncio.run(collect()).splitlines()]
+    lines = [json.loads(line) for line in read_streaming(response).splitlines()]
     output = b"".join(base64.b64decode(line["o"]) for line in lines if "o" in line)
     assert b"out\n" in output and b"err\n" in output
     assert lines[-1] == {"exit_code": 7}

@@ -18,7 +18,7 @@ from django.test.utils import override_settings
 from accounts.models import Profile
 from environments import runtime, services
 from environments.models import Environment, Role, Template
-from tests.conftest import api_client, docker_cli, make_token, wait_for_status
+from tests.conftest import api_client, docker_cli, make_token, read_streaming, wait_for_status
 from tests.wsclient import TermClient
 
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
@@ -28,7 +28,7 @@ def run(env: Environment, *command: str, user: Any = None) -> tuple[int, str]:
     """Run a command through the exec API as `user` (default: the owner), like `lsl exec` does."""
     response = api_client(user or env.owner).post(f"/api/v1/environments/{env.id}/exec/", {"command": list(command)}, format="json")
     assert response.status_code == 200, response.content
-    lines = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    lines = [json.loads(line) for line in read_streaming(response).splitlines()]
     output = b"".join(base64.b64decode(line["o"]) for line in lines if "o" in line).decode()
     return lines[-1]["exit_code"], output
 
