@@ -70,10 +70,6 @@ class TemplateGroupObjectPermission(GroupObjectPermissionBase):
     content_object = models.ForeignKey(Template, on_delete=models.CASCADE)
 
 
-class TemplateQuerySet(models.QuerySet["Template"]):
-    pass
-
-
 def usable_templates(user: Any) -> models.QuerySet[Template]:
     """Templates `user` may create environments from: public, their team's, or granted."""
     if not user.is_authenticated:
