@@ -95,6 +95,13 @@ class Browser:
     def wait_status(self, status: str, timeout: float = 60) -> None:
         self.wait(lambda d: d.find_element(By.ID, "env-status").text == status, timeout, what=f"status {status}")
 
+    def open_terminal(self, env_id: Any) -> None:
+        """From the environment page, open a new terminal and wait for this user's hello."""
+        self.get(f"/environments/{env_id}/")
+        self.wait(lambda d: d.find_element(By.ID, "open-terminal").is_enabled(), what="open-terminal button")
+        self.css("#open-terminal").click()
+        self.wait(lambda d: "/sessions/" in d.current_url, what="the terminal page")
+
     def screenshot(self, name: str) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
@@ -204,10 +211,7 @@ def test_two_browsers_share_one_terminal(people: Any, make_env: Any, browsers: C
 
     alice = browsers()
     alice.login("alice", "password-alice")
-    alice.get(f"/environments/{env.id}/")
-    alice.wait(lambda d: d.find_element(By.ID, "open-terminal").is_enabled(), what="open-terminal button")
-    alice.css("#open-terminal").click()
-    alice.wait(lambda d: "/sessions/" in d.current_url, what="the terminal page")
+    alice.open_terminal(env.id)
     session_path = alice.driver.current_url[len(alice.base_url):]
     alice.wait(lambda d: d.find_element(By.ID, "role-badge").text == "admin", what="alice's hello")
 

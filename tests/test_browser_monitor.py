@@ -40,9 +40,7 @@ def test_monitor_pages_draw_live_charts(people: Any, make_env: Any, browsers: Ca
     # Alice works in a terminal and keeps a CPU busy, so the charts and the session list have something to show.
     alice = browsers()
     alice.login("alice", "password-alice")
-    alice.get(f"/environments/{env.id}/")
-    alice.wait(lambda d: d.find_element(By.ID, "open-terminal").is_enabled(), what="open-terminal button")
-    alice.css("#open-terminal").click()
+    alice.open_terminal(env.id)
     alice.wait(lambda d: d.find_element(By.ID, "role-badge").text == "admin", what="alice's terminal")
     alice.css("#terminal .xterm-helper-textarea").send_keys("timeout 60 yes > /dev/null &", Keys.ENTER)
 
@@ -100,9 +98,7 @@ def test_dashboard_updates_without_reload(people: Any, make_env: Any, browsers: 
     # Alice opens a terminal: victor's dashboard lists the session and her in it.
     alice = browsers()
     alice.login("alice", "password-alice")
-    alice.get(f"/environments/{env.id}/")
-    alice.wait(lambda d: d.find_element(By.ID, "open-terminal").is_enabled(), what="open-terminal button")
-    alice.css("#open-terminal").click()
+    alice.open_terminal(env.id)
     alice.wait(lambda d: d.find_element(By.ID, "role-badge").text == "admin", what="alice's terminal")
     victor.wait(lambda d: "alice" in d.find_element(By.CSS_SELECTOR, f"{row} .sessions-cell").text, timeout=15,
                 what="alice's session on victor's dashboard")
