@@ -27,6 +27,7 @@ from sessions.models import AuditKind, ClientKind, TerminalSession
 log = logging.getLogger(__name__)
 
 RECHECK_EVERY = 2.0  # access revocation takes effect within this (the issue asks for 5 s)
+SNAPSHOT_RETRY = 5.0  # a snapshot request unanswered this long (its answer was dropped) is repeated
 ROLE_DENIED_AUDIT_EVERY = 5.0
 
 
@@ -83,6 +84,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.expected_offset: int | None = None  # None until the first snapshot arrives
         self.paused_since: float | None = None
         self.awaiting_snapshot = False
+        self.snapshot_requested_at = time.monotonic()
+        self.kicked = False
         self.held: list[tuple[int, bytes]] = []
         self.held_bytes = 0
         self.held_overflow = False
@@ -108,6 +111,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                                "user": user.get_username(), "role": role.label, "can_write": self.can_write,
                                "cols": session.cols, "rows": session.rows, "window": self.window})
         self.awaiting_snapshot = True
+        self.snapshot_requested_at = time.monotonic()
         await self._to_hub("hub.join", user_id=user.pk, username=user.get_username(), role=role.label,
                            client=self.client_kind, participation_id=self.participation_id, cols=cols, rows=rows)
         self.watchdog = asyncio.create_task(self._watch_access())
@@ -214,6 +218,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def _request_snapshot(self) -> None:
         self.awaiting_snapshot = True
+        self.snapshot_requested_at = time.monotonic()
         self.held, self.held_bytes, self.held_overflow = [], 0, False
         await self._to_hub("hub.snapshot")
 
@@ -221,6 +226,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.paused_since is not None and time.monotonic() - self.paused_since > settings.LSL_SESSION_STALL_TIMEOUT:
             asyncio.create_task(self._kick_slow())
             self.paused_since = None
+            self.kicked = True
             self.awaiting_snapshot = True  # send nothing more
 
     async def _kick_slow(self) -> None:
@@ -240,6 +246,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.sent += len(data)
         await self.send(bytes_data=data)
         for offset, chunk in held:
+            if self.awaiting_snapshot:
+                break  # a gap in what was held: a fresh snapshot is on its way and covers the rest
             await self._deliver(offset, chunk)
         if overflow and not self.awaiting_snapshot:
             await self._request_snapshot()  # some output was not kept: redraw again
@@ -267,6 +275,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                                        "user": self.user.get_username(), "role": role.label, "can_write": self.can_write,
                                        "window": self.window})
             self._check_stalled()
+            if self.awaiting_snapshot and not self.kicked and time.monotonic() - self.snapshot_requested_at > SNAPSHOT_RETRY:
+                log.info("session %s: no snapshot for %s yet, asking again", self.session_id, self.channel_name)
+                await self._request_snapshot()
 
     async def _to_hub(self, kind: str, **fields: Any) -> None:
         if self.hub_channel is not None:

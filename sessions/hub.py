@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -37,7 +38,14 @@ DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-doc
 # Terminal emulation is CPU-bound Python; one thread keeps it ordered per process.
 SCREEN_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsl-screen")
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
+# After passing a chunk on, the reader waits this long before reading again. The
+# engine hands over a flood in ~4 KiB pieces; read as they come, that is thousands
+# of channel messages a second, more than consumers drain, so their queues fill and
+# drop (each drop costs a participant a resync). Waiting lets a flood gather into
+# chunks of ~24 KiB (measured), a sixth as many messages. A keystroke's echo after a pause is read at once: only output that
+# follows other output within this interval waits for it.
+OUTPUT_BATCH = 0.002
 RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
 HEARTBEAT = 5.0
@@ -118,6 +126,7 @@ class Hub:
                 self.recorder.output(data)
                 await self.layer.group_send(self.group, {"type": "term.output", "offset": start, "data": data})
                 self._schedule_quiet_flush()
+                await asyncio.sleep(OUTPUT_BATCH)
         except (OSError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -283,8 +292,13 @@ class Hub:
             return self.screen.render()
 
         data = await loop.run_in_executor(SCREEN_EXECUTOR, render)
-        await self.layer.send(channel, {"type": "term.snapshot", "offset": offset, "data": data,
-                                        "cols": self.cols, "rows": self.rows})
+        try:
+            await self.layer.send(channel, {"type": "term.snapshot", "offset": offset, "data": data,
+                                            "cols": self.cols, "rows": self.rows})
+        except ChannelFull:
+            # The participant's queue is full of output it has not consumed yet; it asks
+            # again if no snapshot arrives (see TerminalConsumer.SNAPSHOT_RETRY).
+            log.warning("session %s: snapshot for %s dropped, its channel is full", self.session_id, channel)
 
     async def _broadcast_presence(self) -> None:
         participants = [{"id": m.participation_id, "user": m.username, "role": m.role, "client": m.client,

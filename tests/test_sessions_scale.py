@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,15 +16,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import free_port, start_daphne, stop_daphne
+from tests.conftest import REPO, free_port, start_daphne, stop_daphne
 from tests.test_sessions import Cast
 from tests.wsclient import TermClient
 
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
 
 FLOOD_MB = int(os.environ.get("LSL_FLOOD_MB", "50"))  # the issue's `yes | head -c 50M`; smaller only for debugging
-FLOOD = f"printf '%s\\n' ST''ART; yes | head -c {FLOOD_MB}M; printf '%s\\n' EN''D\r"
-FLOOD_LINES = FLOOD_MB * 1024 * 1024 // 2
 
 
 class StalledClient:
@@ -48,67 +47,30 @@ class StalledClient:
         self.sock.close()
 
 
-async def _flood(ws_url: str, token: str) -> tuple[float, bytes, int]:
-    """One lean asyncio participant (no pyte, one thread) runs the flood and keeps every live byte.
-
-    Returns (seconds from START to END, the bytes between the markers, snapshots received
-    after joining — a healthy participant must get none)."""
-    from websockets.asyncio.client import connect
-
-    async with connect(f"{ws_url}?client=cli", additional_headers={"Authorization": f"Token {token}"},
-                       max_size=None, compression=None, max_queue=None) as ws:
-        output, received, acked, snapshots = bytearray(), 0, 0, 0
-        expect_snapshot, started, scanned = False, None, 0
-        joined = False
-        async for message in ws:
-            if isinstance(message, str):
-                event = json.loads(message)
-                if event["type"] == "snapshot":
-                    expect_snapshot = True
-                    if joined:  # resynced: it fell behind, and the rest of the stream is gone for it
-                        return 0.0, b"", 1
-                continue
-            received += len(message)
-            if received - acked >= 64 * 1024:
-                acked = received
-                await ws.send(json.dumps({"type": "ack", "bytes": received}))
-            if expect_snapshot:
-                expect_snapshot = False
-                if not joined:
-                    joined = True
-                    await ws.send(FLOOD.encode())
-                continue
-            output += message
-            if started is None and b"START\r\n" in output[max(0, scanned - 8):]:
-                started = time.monotonic()
-            if started is not None and output.find(b"END\r\n", max(0, scanned - 8)) >= 0:
-                elapsed = time.monotonic() - started
-                break
-            scanned = len(output)
-        await ws.send(json.dumps({"type": "ack", "bytes": received}))
-    data = bytes(output)
-    begin = data.index(b"START\r\n") + len(b"START\r\n")
-    return elapsed, data[begin:data.index(b"END\r\n", begin)], snapshots
-
-
-def flood_once(cast: Cast, session: dict[str, Any]) -> tuple[float, bytes]:
-    elapsed, data, snapshots = asyncio.run(asyncio.wait_for(_flood(session["ws_url"], cast.tokens["alice"]), 300))
-    assert snapshots == 0, "the healthy participant fell behind and was resynced"
-    return elapsed, data
+def flood_once(cast: Cast, session: dict[str, Any]) -> float:
+    """Run the flood through a healthy participant in its own process; return seconds from START to END."""
+    proc = subprocess.run([sys.executable, "-m", "tests.flood_client", session["ws_url"], cast.tokens["alice"], str(FLOOD_MB)],
+                          cwd=REPO, capture_output=True, text=True, timeout=330)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert not result["resynced"], "the healthy participant fell behind and was resynced"
+    assert result["intact"], f"bytes lost or reordered for the healthy participant: {result}"
+    return float(result["elapsed"])
 
 
 def test_stalled_participant_does_not_slow_others(cast_debian: Cast) -> None:
     cast = cast_debian
     session = cast.open_session()
-    baseline, data = flood_once(cast, session)
-    assert data == b"y\r\n" * FLOOD_LINES, "bytes lost or reordered without a stalled participant"
-
-    stalled = StalledClient(session["ws_url"], cast.tokens["bob"])
-    with_stall, data = flood_once(cast, session)
-    assert data == b"y\r\n" * FLOOD_LINES, "bytes lost or reordered for the healthy participant"
-    stalled.close()
-    ratio = baseline / with_stall
-    print(f"flood: alone {baseline:.2f}s, with a stalled participant {with_stall:.2f}s (throughput ratio {ratio:.2f})")
+    # Interleaved pairs, best of each: one flood's time varies by several percent on a
+    # shared machine, which a single pair would read as the stalled participant's doing.
+    alone, with_stall = [], []
+    for _ in range(2):
+        alone.append(flood_once(cast, session))
+        stalled = StalledClient(session["ws_url"], cast.tokens["bob"])
+        with_stall.append(flood_once(cast, session))
+        stalled.close()
+    ratio = min(alone) / min(with_stall)
+    print(f"flood: alone {min(alone):.2f}s, with a stalled participant {min(with_stall):.2f}s (throughput ratio {ratio:.2f})")
     assert ratio >= 0.9, f"a stalled participant cut throughput to {ratio:.0%}"
 
 
@@ -163,7 +125,8 @@ def test_participants_on_two_processes_share_a_session(people: Any, make_env: An
 
 
 def test_idle_session_ends_after_timeout_but_survives_short_absence(people: Any, make_env: Any) -> None:
-    server = start_daphne({"LSL_SESSION_IDLE_TIMEOUT": "2"}, "daphne-idle")
+    # 4 s leaves bob 3 s to reconnect after a 1 s absence, even on a loaded machine.
+    server = start_daphne({"LSL_SESSION_IDLE_TIMEOUT": "4"}, "daphne-idle")
     try:
         cast = Cast(people, make_env, server)
         session = cast.open_session()
