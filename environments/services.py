@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -505,6 +506,34 @@ def run_setup(env: Environment) -> str | None:
     info = {"LSL_USER": user_env["USER"], "LSL_UID": user.split(":")[0], "LSL_GID": user.split(":")[-1], "LSL_HOME": user_env["HOME"]}
     Environment.objects.filter(pk=env.pk).update(setup_status=SetupStatus.RUNNING, setup_log="")
     out = _SetupLog(env)
+    # Docker cannot kill an exec, and a hung hook (a prompt, a stalled download) would
+    # leave the environment `creating` forever: past the deadline the container is
+    # stopped, which ends every process in it, and the output stream with them.
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        try:
+            runtime.stop_container(env.container_id, timeout=1)
+        except runtime.EngineError as exc:
+            log.warning("setup of %s timed out and its container could not be stopped: %s", env.pk, exc)
+
+    deadline = threading.Timer(float(settings.LSL_SETUP_TIMEOUT), expire)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        failure = _run_setup_steps(env, steps, user, user_env, info, out)
+    finally:
+        deadline.cancel()
+    if timed_out.is_set():
+        limit = f"{settings.LSL_SETUP_TIMEOUT:g} s"
+        out.write(f"\n[setup timed out after {limit}; the container was stopped]\n", flush=True)
+        return f"setup did not finish within {limit} (LSL_SETUP_TIMEOUT); see the setup log"
+    return failure
+
+
+def _run_setup_steps(env: Environment, steps: list[tuple[str, str]], user: str, user_env: dict[str, str],
+                     info: dict[str, str], out: _SetupLog) -> str | None:
     handed_over = False
     for number, (who, command) in enumerate(steps, start=1):
         if who == "user" and not handed_over:

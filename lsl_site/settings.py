@@ -192,6 +192,7 @@ LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
 LSL_UID_BASE = env_int("LSL_UID_BASE", 10000, minimum=1000)  # default uid/gid = LSL_UID_BASE + user id
 LSL_HOST_NETWORK_ALL_USERS = env_bool("LSL_HOST_NETWORK_ALL_USERS", False)  # else staff or profile.allow_host_network
 LSL_SETUP_LOG_MAX_BYTES = env_int("LSL_SETUP_LOG_MAX_BYTES", 1024 * 1024, minimum=4096)
+LSL_SETUP_TIMEOUT = env_float("LSL_SETUP_TIMEOUT", 1800.0, minimum=1)  # seconds for all of a template's setup hooks
 LSL_IDLE_STOP_AFTER = env_float("LSL_IDLE_STOP_AFTER", 0.0, minimum=0)  # seconds; 0 = never stop idle environments
 LSL_IDLE_CHECK_INTERVAL = env_float("LSL_IDLE_CHECK_INTERVAL", 60.0, minimum=0.1)
 LSL_QUOTA_USER_ENVIRONMENTS = env_int("LSL_QUOTA_USER_ENVIRONMENTS", 0, minimum=0)  # 0 = unlimited

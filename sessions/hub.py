@@ -39,13 +39,16 @@ DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-doc
 SCREEN_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsl-screen")
 
 READ_SIZE = 256 * 1024
-# After passing a chunk on, the reader waits this long before reading again. The
-# engine hands over a flood in ~4 KiB pieces; read as they come, that is thousands
-# of channel messages a second, more than consumers drain, so their queues fill and
-# drop (each drop costs a participant a resync). Waiting lets a flood gather into
-# chunks of ~24 KiB (measured), a sixth as many messages. A keystroke's echo after a pause is read at once: only output that
-# follows other output within this interval waits for it.
+# After passing on a chunk of at least BATCH_FROM bytes, the reader waits
+# OUTPUT_BATCH before reading again. The engine hands over a flood in ~4 KiB
+# pieces; read as they come, that is thousands of channel messages a second, more
+# than consumers drain, so their queues fill and drop (each drop costs a participant
+# a resync). Waiting lets a flood gather into chunks of ~24 KiB (measured), a sixth
+# as many messages. Echoes and prompts are a few bytes: they never wait, so typing,
+# even back to back, keeps its latency. A flood of tiny writes still batches: while
+# the loop is busy, each read finds more than BATCH_FROM waiting.
 OUTPUT_BATCH = 0.002
+BATCH_FROM = 1024
 RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
 HEARTBEAT = 5.0
@@ -126,7 +129,7 @@ class Hub:
                 self.recorder.output(data)
                 await self.layer.group_send(self.group, {"type": "term.output", "offset": start, "data": data})
                 self._schedule_quiet_flush()
-                await asyncio.sleep(OUTPUT_BATCH)
+                await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
         except (OSError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise

@@ -231,6 +231,22 @@ def test_failed_setup_is_an_error_with_its_log_kept(people: Any) -> None:
     assert api_client(people.outsider).get(f"/api/v1/environments/{env.id}/setup-log/").status_code == 404
 
 
+def test_hung_setup_is_stopped_at_the_deadline(people: Any) -> None:
+    """A hook that never ends (here `sleep`; in life a prompt or a stalled download) must not leave the
+    environment `creating` forever: past LSL_SETUP_TIMEOUT its container is stopped and it is an error."""
+    Template.objects.filter(slug="busybox").update(setup=["echo waiting-for-nothing; sleep 600", "echo never-runs"])
+    client = api_client(people.owner)
+    with override_settings(LSL_SETUP_TIMEOUT=2.0):
+        created = client.post("/api/v1/environments/", {"name": "hung", "template": "busybox"}, format="json")
+        env = wait_for_status(created.json()["id"], {"error", "running"}, timeout=30)
+    assert env.status == "error" and env.setup_status == "failed"
+    assert env.last_error == "setup did not finish within 2 s (LSL_SETUP_TIMEOUT); see the setup log"
+    assert "waiting-for-nothing\n" in env.setup_log
+    assert "[setup timed out after 2 s; the container was stopped]" in env.setup_log
+    assert "# echo never-runs" not in env.setup_log
+    assert runtime.container_state(env.container_id).running is False
+
+
 # --- team volumes ------------------------------------------------------------------------------
 
 def test_team_volume_is_shared_by_the_team_and_refused_to_outsiders(people: Any, make_env: Any) -> None:
