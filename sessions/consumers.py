@@ -229,6 +229,12 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self.kicked = True
             self.awaiting_snapshot = True  # send nothing more
 
+    async def _retry_lost_snapshot(self) -> None:
+        """A full channel drops the hub's answer like any other message: ask again rather than wait forever."""
+        if self.awaiting_snapshot and not self.kicked and time.monotonic() - self.snapshot_requested_at > SNAPSHOT_RETRY:
+            log.info("session %s: no snapshot for %s yet, asking again", self.session_id, self.channel_name)
+            await self._request_snapshot()
+
     async def _kick_slow(self) -> None:
         await self._error("too_slow", "you fell too far behind the terminal output")
         await self.close(code=4408)
@@ -275,9 +281,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                                        "user": self.user.get_username(), "role": role.label, "can_write": self.can_write,
                                        "window": self.window})
             self._check_stalled()
-            if self.awaiting_snapshot and not self.kicked and time.monotonic() - self.snapshot_requested_at > SNAPSHOT_RETRY:
-                log.info("session %s: no snapshot for %s yet, asking again", self.session_id, self.channel_name)
-                await self._request_snapshot()
+            await self._retry_lost_snapshot()
 
     async def _to_hub(self, kind: str, **fields: Any) -> None:
         if self.hub_channel is not None:

@@ -1,0 +1,96 @@
+"""Pure-logic tests of a participant's stream bookkeeping (offsets, held output, lost snapshots).
+
+The consumer runs without a server here: its hub and websocket are replaced by lists,
+which is all these paths touch. Everything end to end is in test_sessions*.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sessions import consumers
+from sessions.consumers import TerminalConsumer
+
+
+class Harness(TerminalConsumer):
+    """A consumer whose hub messages and websocket frames are recorded, not sent."""
+
+    def __init__(self) -> None:
+        self.session_id, self.channel_name, self.hub_channel = "s", "c", "hub"
+        self.window, self.sent, self.acked = 1 << 20, 0, 0
+        self.expected_offset: int | None = None
+        self.paused_since = None
+        self.awaiting_snapshot, self.kicked = True, False
+        self.snapshot_requested_at = time.monotonic()
+        self.held, self.held_bytes, self.held_overflow = [], 0, False
+        self.to_hub: list[str] = []
+        self.frames: list[Any] = []
+
+    async def _to_hub(self, kind: str, **fields: Any) -> None:
+        self.to_hub.append(kind)
+
+    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
+        self.frames.append(bytes_data if bytes_data is not None else text_data)
+
+    def output(self) -> bytes:
+        return b"".join(f for f in self.frames if isinstance(f, bytes))
+
+
+def snapshot(offset: int, data: bytes = b"SCREEN") -> dict[str, Any]:
+    return {"type": "term.snapshot", "offset": offset, "data": data, "cols": 80, "rows": 24}
+
+
+def test_output_held_during_a_snapshot_is_replayed_past_its_offset() -> None:
+    async def scenario() -> Harness:
+        c = Harness()
+        await c.term_output({"offset": 0, "data": b"abc"})  # before the snapshot's offset: covered by it
+        await c.term_output({"offset": 3, "data": b"def"})  # straddles it
+        await c.term_output({"offset": 6, "data": b"ghi"})
+        await c.term_snapshot(snapshot(4))
+        await c.term_output({"offset": 9, "data": b"jkl"})
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.output() == b"SCREEN" + b"ef" + b"ghi" + b"jkl"
+    assert c.to_hub == [] and c.expected_offset == 12
+
+
+def test_a_gap_in_held_output_asks_for_one_new_snapshot_not_one_per_chunk() -> None:
+    async def scenario() -> Harness:
+        c = Harness()
+        await c.term_output({"offset": 10, "data": b"x"})  # 0..10 were dropped on the way
+        await c.term_output({"offset": 11, "data": b"y"})
+        await c.term_output({"offset": 12, "data": b"z"})
+        await c.term_snapshot(snapshot(5))
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.to_hub == ["hub.snapshot"]
+    assert c.awaiting_snapshot and c.output() == b"SCREEN"
+
+
+def test_a_lost_snapshot_is_asked_for_again_after_the_retry_interval() -> None:
+    async def scenario() -> Harness:
+        c = Harness()
+        await c._retry_lost_snapshot()  # just asked: wait for the answer
+        c.snapshot_requested_at -= consumers.SNAPSHOT_RETRY + 0.1
+        await c._retry_lost_snapshot()
+        await c._retry_lost_snapshot()  # the new request restarted the clock
+        return c
+
+    assert asyncio.run(scenario()).to_hub == ["hub.snapshot"]
+
+
+def test_a_kicked_or_answered_participant_does_not_ask_again() -> None:
+    async def scenario() -> tuple[Harness, Harness]:
+        kicked, answered = Harness(), Harness()
+        kicked.kicked = True
+        await answered.term_snapshot(snapshot(0))
+        for c in (kicked, answered):
+            c.snapshot_requested_at -= consumers.SNAPSHOT_RETRY + 0.1
+            await c._retry_lost_snapshot()
+        return kicked, answered
+
+    kicked, answered = asyncio.run(scenario())
+    assert kicked.to_hub == [] and answered.to_hub == []
