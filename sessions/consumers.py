@@ -14,6 +14,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from autobahn.exception import Disconnected
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -115,6 +116,25 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self._to_hub("hub.join", user_id=user.pk, username=user.get_username(), role=role.label,
                            client=self.client_kind, participation_id=self.participation_id, cols=cols, rows=rows)
         self.watchdog = asyncio.create_task(self._watch_access())
+
+    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
+        """Like the base send, but a client that has already gone is not an error.
+
+        A broadcast (presence, output) can reach this consumer after its client closed
+        and before daphne delivers `websocket.disconnect`. daphne then raises
+        Disconnected; uncaught, it ends the consumer before disconnect() runs, so the
+        hub would keep a ghost member and the session would never go idle.
+        """
+        try:
+            await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+        except Disconnected:
+            log.debug("session %s: %s already gone, dropping a frame", getattr(self, "session_id", "?"), self.channel_name)
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        try:
+            await super().close(code=code, reason=reason)
+        except Disconnected:
+            pass  # already closed by the client
 
     @property
     def can_write(self) -> bool:

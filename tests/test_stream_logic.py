@@ -9,6 +9,8 @@ import asyncio
 import time
 from typing import Any
 
+from autobahn.exception import Disconnected
+
 from sessions import consumers
 from sessions.consumers import TerminalConsumer
 
@@ -94,3 +96,23 @@ def test_a_kicked_or_answered_participant_does_not_ask_again() -> None:
 
     kicked, answered = asyncio.run(scenario())
     assert kicked.to_hub == [] and answered.to_hub == []
+
+
+def test_a_frame_for_a_client_that_already_left_does_not_end_the_consumer() -> None:
+    """A broadcast racing the client's close must not kill the consumer: its disconnect() still has to run
+    (leave the group, tell the hub), or the session keeps a ghost member and never goes idle."""
+
+    class Gone(Harness):
+        send = TerminalConsumer.send
+        close = TerminalConsumer.close
+
+    async def closed_protocol(message: dict[str, Any]) -> None:
+        raise Disconnected("Attempt to send on a closed protocol")
+
+    async def scenario() -> None:
+        c = Gone()
+        c.base_send = closed_protocol
+        await c.term_control({"type": "term.control", "payload": {"type": "presence", "participants": []}})
+        await c.close(code=4408)
+
+    asyncio.run(scenario())  # raises if Disconnected escapes
