@@ -56,13 +56,15 @@ def join(session_id: Any, user: AbstractBaseUser, role: str, client_kind: str, r
 
 
 def leave(participation_id: int) -> None:
-    participation = Participation.objects.filter(pk=participation_id, left_at__isnull=True).first()
-    if participation is None:
+    """Mark a participation left, once. The row can vanish meanwhile (its user or session was
+    deleted while the client was still attached): then there is nothing left to record."""
+    row = (Participation.objects.filter(pk=participation_id, left_at__isnull=True)
+           .values("session_id", "user_id", "client_kind").first())
+    if row is None:
         return
     with transaction.atomic():
-        participation.left_at = timezone.now()
-        participation.save(update_fields=["left_at"])
-        record_event(participation.session_id, AuditKind.LEAVE, participation.user_id, client=participation.client_kind)
+        if Participation.objects.filter(pk=participation_id, left_at__isnull=True).update(left_at=timezone.now()):
+            record_event(row["session_id"], AuditKind.LEAVE, row["user_id"], client=row["client_kind"])
 
 
 def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:
