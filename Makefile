@@ -17,7 +17,7 @@ PORT ?= 8000
 .PHONY: help venv assets migrate run images engine bench test clean distclean
 
 help:
-	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/"
+	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/ (web + worker)"
 	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to filter)"
 	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
 	@echo "make engine     start a Docker engine if none is reachable (needs root)"
@@ -52,7 +52,7 @@ run: venv assets migrate
 	$(VPY) manage.py lsl_apply catalog/default.yaml
 	$(VPY) manage.py lsl_ensure_admin
 	@docker info >/dev/null 2>&1 || echo "LSL needs a running Docker engine: start one with 'sudo dockerd &' (or 'bash scripts/engine.sh')"
-	exec $(VENV)/bin/daphne -b $(HOST) -p $(PORT) lsl_site.asgi:application
+	exec $(VPY) manage.py lsl_run --host $(HOST) --port $(PORT)   # daphne + the worker; Ctrl-C stops both
 
 # --- Docker helpers -------------------------------------------------------------
 engine:

@@ -12,6 +12,27 @@ from django.utils.text import slugify
 
 from accounts.models import APIToken, Client, Membership, Team, TeamRole
 from accounts.tokens import generate_key
+from lsl_site import events
+from lsl_site.errors import DomainError
+
+
+class LastOwner(DomainError):
+    """A team keeps at least one owner: one without could only be repaired in the admin."""
+
+    status = 409
+    code = "last_owner"
+
+
+def _publish_team(team: Team, *also: int) -> None:
+    """Members' live terminals and event streams re-check what they may see (team grants)."""
+    members = list(Membership.objects.filter(team=team).values_list("user_id", flat=True))
+    events.publish("team.changed", {"team": team.slug}, user_ids=[*members, *also])
+
+
+def _refuse_losing_last_owner(team: Team, user: AbstractBaseUser) -> None:
+    owners = Membership.objects.filter(team=team, role=TeamRole.OWNER)
+    if owners.filter(user=user).exists() and owners.count() == 1:
+        raise LastOwner(f"{user.get_username()} is the last owner of {team.name}; make someone else owner first")
 
 
 @transaction.atomic
@@ -26,15 +47,21 @@ def create_team(name: str, *, owner: AbstractBaseUser | None = None, slug: str |
 
 @transaction.atomic
 def add_member(team: Team, user: AbstractBaseUser, role: str = TeamRole.MEMBER) -> Membership:
+    """Add `user` with `role`, or change their role (a team's last owner cannot be demoted)."""
+    if role != TeamRole.OWNER:
+        _refuse_losing_last_owner(team, user)
     membership, _ = Membership.objects.update_or_create(team=team, user=user, defaults={"role": role})
     user.groups.add(team.group)
+    _publish_team(team)
     return membership
 
 
 @transaction.atomic
 def remove_member(team: Team, user: AbstractBaseUser) -> None:
+    _refuse_losing_last_owner(team, user)
     Membership.objects.filter(team=team, user=user).delete()
     user.groups.remove(team.group)
+    _publish_team(team, user.pk)
 
 
 def create_token(user: AbstractBaseUser, name: str, *, expires_at: datetime | None = None) -> tuple[APIToken, str]:

@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from guardian.admin import GuardedModelAdmin
 
-from environments import runtime, services
+from environments import reconcile, runtime, services
 from environments.models import Environment, TeamQuota, TeamVolume, Template
 
 
@@ -35,7 +35,7 @@ class EnvironmentAdmin(GuardedModelAdmin):
     @admin.action(description="Reconcile selected with the engine")
     def reconcile_selected(self, request, queryset):  # type: ignore[no-untyped-def]
         try:
-            changed = services.reconcile(list(queryset))
+            changed = reconcile.reconcile(list(queryset))
         except runtime.EngineError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return

@@ -104,16 +104,13 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         envs = list(page if page is not None else [])
-        services.reconcile_quietly(envs)
         checker = make_checker(request.user, envs)
         roles = {env.pk: role_for(request.user, env, checker) for env in envs}
         data = EnvironmentSerializer(envs, many=True, context={"roles": roles}).data
         return self.get_paginated_response(data)
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        env = self.get_object()
-        services.reconcile_quietly([env])
-        return self._respond(env)
+        return self._respond(self.get_object())
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = self.get_serializer(data=request.data)
@@ -200,13 +197,12 @@ class MonitorView(APIView):
     """Host figures plus, for environments the caller may view, container stats and live sessions.
 
     `?environment=<id>` narrows the answer to one environment (404 when the caller
-    may not view it, exactly like the environment itself). `?stats=0` skips the
-    container sampling (about a second) for callers that only need statuses and
-    sessions, such as the dashboard's live refresh.
+    may not view it, exactly like the environment itself). Container figures are the
+    worker's latest sample (`stats_at` says when); `?stats=0` leaves them out.
     """
 
     @extend_schema(parameters=[OpenApiParameter("environment", str, description="Only this environment (its id)"),
-                               OpenApiParameter("stats", bool, description="Sample container stats (default true)")],
+                               OpenApiParameter("stats", bool, description="Include the sampled container stats (default true)")],
                    responses={200: dict})
     def get(self, request: Request) -> Response:
         qs = Environment.objects.visible_to(request.user).select_related("owner", "template")
@@ -219,9 +215,7 @@ class MonitorView(APIView):
         envs = list(qs)
         if wanted and not envs:
             raise NotFound("No such environment.")
-        services.reconcile_quietly(envs)
-        # After the reconcile, so sessions it just ended are not reported as live. The models come
-        # from the app registry: sessions depends on environments, never the other way round.
+        # The models come from the app registry: sessions depends on environments, never the other way round.
         session_model = apps.get_model("terminals", "TerminalSession")
         participation_model = apps.get_model("terminals", "Participation")
         attached = participation_model.objects.filter(left_at__isnull=True).select_related("user").order_by("joined_at")
@@ -229,19 +223,16 @@ class MonitorView(APIView):
                 .prefetch_related(Prefetch("participations", queryset=attached, to_attr="attached")))
         prefetch_related_objects(envs, Prefetch("terminal_sessions", queryset=live, to_attr="live_sessions"))
 
+        # Figures the worker sampled (LSL_STATS_INTERVAL): a read never asks the engine.
         with_stats = request.query_params.get("stats", "1").lower() not in ("0", "false", "no")
-        stats = metrics.sample_container_stats(envs) if with_stats else {}
         host = metrics.host_snapshot()
         if with_stats:
-            try:
-                host["engine"] = runtime.engine_info()
-            except runtime.EngineError as exc:
-                host["engine"] = {"error": str(exc)}
+            host["engine"] = metrics.engine_snapshot().get("engine") or {"error": "not sampled yet (is the worker running?)"}
         environments = [
             {"id": str(env.id), "name": env.name, "owner": env.owner.username, "template": env.template.slug,
              "status": env.status, "started_at": env.started_at, "uptime_seconds": metrics.uptime_seconds(env),
              "limits": {"cpus": env.cpus, "memory_bytes": env.memory_mb * 1024 * 1024, "pids": env.pids},
-             "stats": stats.get(env.pk),
+             "stats": metrics.stored_stats(env) if with_stats else None,
              "sessions": [
                  {"id": str(session.id), "name": session.name, "created_at": session.created_at,
                   "participants": [{"user": p.user.username, "role": p.role, "client": p.client_kind}

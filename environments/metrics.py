@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from environments import runtime, services
+from environments import runtime
 from environments.models import Environment, Status
 
 log = logging.getLogger(__name__)
@@ -146,19 +146,26 @@ def uptime_seconds(env: Environment) -> float | None:
 
 # --- the collector ---------------------------------------------------------------------------
 
-def _engine_up() -> bool:
-    try:
-        runtime.ping()
-    except runtime.EngineError:
-        return False
-    return True
+def engine_snapshot() -> dict[str, Any]:
+    """The worker's latest engine sample: {"engine": {...}, "engine_up": bool, "sampled_at": iso} or {}."""
+    from lsl_site.models import PeriodicJob
+
+    return PeriodicJob.objects.filter(name="sample_stats").values_list("result", flat=True).first() or {}
+
+
+def stored_stats(env: Environment) -> dict[str, Any] | None:
+    """The worker's latest sample of a running environment's container, with its time."""
+    if env.status != Status.RUNNING or not env.stats:
+        return None
+    return {**env.stats, "sampled_at": env.stats_at.isoformat() if env.stats_at else None}
 
 
 class LSLCollector:
     """Builds every LSL metric family from the database, the engine and the host at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
-        up = _engine_up()
+        # Everything comes from the database: a scrape never asks the engine (the worker samples it).
+        up = bool(engine_snapshot().get("engine_up"))
         # Session counts come through the reverse relations by name: this app must not import `sessions`.
         envs = list(
             Environment.objects.select_related("owner", "template")
@@ -169,10 +176,7 @@ class LSLCollector:
             )
             .order_by("owner__username", "name")
         )
-        if up:
-            # Same cheap check as the API: statuses reflect containers that died since the last look.
-            services.reconcile_quietly(envs)
-        stats = sample_container_stats(envs) if up else {}
+        stats = {env.pk: env.stats for env in envs if env.status == Status.RUNNING and env.stats}
 
         yield from self._inventory(envs, up)
         yield from self._environments(envs, stats)
@@ -182,7 +186,7 @@ class LSLCollector:
         build = GaugeMetricFamily("lsl_build_info", "LSL version; always 1.", labels=["version"])
         build.add_metric([settings.LSL_VERSION], 1)
         yield build
-        yield GaugeMetricFamily("lsl_engine_up", "1 when the Docker engine answered this scrape, else 0.", value=1 if up else 0)
+        yield GaugeMetricFamily("lsl_engine_up", "1 when the Docker engine answered the worker's last sample, else 0.", value=1 if up else 0)
         by_status = Counter(env.status for env in envs)
         gauge = GaugeMetricFamily("lsl_environments", "Environments by status.", labels=["status"])
         for status in Status.values:

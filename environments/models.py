@@ -164,12 +164,26 @@ class Environment(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
-    stop_reason = models.CharField(max_length=32, blank=True)  # "stopped", "idle", ...
+    # Why it is not running: "stopped" (by a user), "idle", or what the engine saw happen behind LSL's
+    # back: "oom", "killed", "exited N", "removed".
+    stop_reason = models.CharField(max_length=32, blank=True)
     # The user shells run as, once created in the container: {name, uid, gid, home}; empty until then.
     identity = models.JSONField(default=dict, blank=True)
     setup_status = models.CharField(max_length=16, choices=SetupStatus.choices, blank=True, default=SetupStatus.NONE)
     setup_log = models.TextField(blank=True)
     last_active_at = models.DateTimeField(null=True, blank=True)  # last seen with a session attached or an exec running
+    # Provisioning lease: the worker holding it renews `lease_until`; a row whose lease ran out is
+    # claimed again by another worker (or the same one after a restart) with a conditional UPDATE.
+    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    # A start/stop/restart/delete in progress (and since when): engine events it causes are its own,
+    # not something that happened behind LSL's back. Stale after ACTION_STALE_AFTER.
+    pending_action = models.CharField(max_length=16, blank=True)
+    pending_action_at = models.DateTimeField(null=True, blank=True)
+    setup_deadline_at = models.DateTimeField(null=True, blank=True)
+    # Container figures sampled by the worker (reads never ask the engine).
+    stats = models.JSONField(default=dict, blank=True)
+    stats_at = models.DateTimeField(null=True, blank=True)
 
     objects = EnvironmentQuerySet.as_manager()
 

@@ -82,6 +82,8 @@ class ContainerState:
     environment_id: str
     status: str  # docker's: created, running, paused, restarting, removing, exited, dead
     started_at: str | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
 
     @property
     def running(self) -> bool:
@@ -317,12 +319,39 @@ def container_state(container_id: str) -> ContainerState | None:
         data = inspect_container(container_id)
     except ContainerNotFound:
         return None
+    state = data["State"]
     return ContainerState(
         container_id=data["Id"],
-        environment_id=data["Config"]["Labels"].get(LABEL_ENVIRONMENT, ""),
-        status=data["State"]["Status"],
-        started_at=data["State"].get("StartedAt"),
+        environment_id=(data["Config"].get("Labels") or {}).get(LABEL_ENVIRONMENT, ""),
+        status=state["Status"],
+        started_at=state.get("StartedAt"),
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
     )
+
+
+def find_environment_container(environment_id: str, name: str) -> ContainerState | None:
+    """The container this instance made for an environment, found by label, else by its name.
+
+    Provisioning is resumable: a step interrupted after `create` (a worker or engine that died)
+    leaves a container that the next attempt adopts instead of failing on "name already in use".
+    """
+    with _guard("looking for the environment's container"):
+        raw = _client().api.containers(all=True, filters={"label": [f"{LABEL_ENVIRONMENT}={environment_id}",
+                                                                    f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}"]})
+    if raw:
+        return container_state(raw[0]["Id"])
+    return container_state(name)
+
+
+def _exit_code_from_status(text: str) -> int | None:
+    """`docker ps` says "Exited (137) 5 seconds ago"."""
+    if text.startswith("Exited (") and ")" in text:
+        try:
+            return int(text[len("Exited ("):text.index(")")])
+        except ValueError:
+            return None
+    return None
 
 
 def list_managed_containers() -> dict[str, ContainerState]:
@@ -333,8 +362,60 @@ def list_managed_containers() -> dict[str, ContainerState]:
     for item in raw:
         env_id = (item.get("Labels") or {}).get(LABEL_ENVIRONMENT)
         if env_id:
-            states[env_id] = ContainerState(container_id=item["Id"], environment_id=env_id, status=item["State"])
+            states[env_id] = ContainerState(container_id=item["Id"], environment_id=env_id, status=item["State"],
+                                            exit_code=_exit_code_from_status(item.get("Status") or ""))
     return states
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """A container event of this instance's containers (`docker events`)."""
+
+    action: str  # create, start, die, kill, oom, stop, destroy, ...
+    container_id: str
+    environment_id: str
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+def container_events() -> Iterator[EngineEvent]:
+    """Follow this instance's container events until the engine goes away (then EngineUnavailableError).
+
+    The subscription is open when this returns (so nothing that happens afterwards is missed);
+    iterate to receive. Uses its own client with no read timeout: the stream is quiet for as long
+    as nothing happens.
+    """
+    base_url = settings.LSL_DOCKER_HOST
+    kwargs: dict[str, Any] = {"version": settings.LSL_DOCKER_API_VERSION, "timeout": None}
+    with _guard("following engine events"):
+        client = docker.APIClient(base_url=base_url, **kwargs) if base_url else docker.APIClient(
+            **docker.utils.kwargs_from_env(), **kwargs)
+        stream = client.events(decode=True, filters={"type": "container",
+                                                    "label": [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}"]})
+    return _follow(client, stream)
+
+
+def _follow(client: Any, stream: Any) -> Iterator[EngineEvent]:
+    try:
+        with _guard("following engine events"):
+            for raw in stream:
+                attributes = (raw.get("Actor") or {}).get("Attributes") or {}
+                action = str(raw.get("Action") or raw.get("status") or "")
+                yield EngineEvent(action=action.split(":")[0], container_id=str(raw.get("id") or ""),
+                                  environment_id=attributes.get(LABEL_ENVIRONMENT, ""),
+                                  exit_code=_int_or_none(attributes.get("exitCode")),
+                                  signal=_int_or_none(attributes.get("signal")))
+        raise EngineUnavailableError("Docker engine is not reachable (the event stream ended)")
+    finally:
+        stream.close()
+        client.close()
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def container_stats(container_id: str) -> dict[str, Any]:

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
-import threading
-import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
 from rest_framework.exceptions import ValidationError
 
 from accounts.models import Profile, Team
-from environments import identity, jobs, runtime
+from environments import runtime, tasks
+from lsl_site import events
 from environments.models import (
     ROLE_CODENAMES,
     Environment,
@@ -34,7 +36,7 @@ from environments.models import (
     TeamVolume,
     Template,
 )
-from environments.signals import access_revoked, environment_changed, environment_stopped
+from environments.signals import environment_stopped
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,8 @@ def check_quota(owner: AbstractBaseUser, team: Team | None, *, cpus: float, memo
                                 f"{limits['memory_mb']:g} MiB at once; {used['memory_mb']:g} MiB in use, this needs {memory_mb} MiB")
 
 
-def _spec(env: Environment) -> runtime.ContainerSpec:
+
+def container_spec(env: Environment) -> runtime.ContainerSpec:
     return runtime.ContainerSpec(
         environment_id=str(env.id),
         owner=env.owner.get_username(),
@@ -257,8 +260,23 @@ def _spec(env: Environment) -> runtime.ContainerSpec:
     )
 
 
-def _changed(env: Environment) -> None:
-    transaction.on_commit(lambda: environment_changed.send(sender=Environment, environment=env))
+# --- events ------------------------------------------------------------------------------
+
+def environment_payload(env: Environment) -> dict[str, Any]:
+    """What an event-stream client needs to redraw an environment's row (docs/protocol.md)."""
+    def iso(value: Any) -> str | None:
+        return value.isoformat() if value else None
+
+    return {"id": str(env.id), "name": env.name, "owner": env.owner.get_username(),
+            "team": env.team.slug if env.team_id and env.team else None, "template": env.template.slug,
+            "status": env.status, "progress": env.progress, "last_error": env.last_error, "stop_reason": env.stop_reason,
+            "setup_status": env.setup_status, "started_at": iso(env.started_at), "stopped_at": iso(env.stopped_at),
+            "updated_at": iso(timezone.now())}
+
+
+def publish_environment(env: Environment, kind: str = "environment.changed", fields: dict[str, Any] | None = None) -> None:
+    events.publish(kind, {"environment": environment_payload(env), **(fields or {})}, environment_id=env.pk,
+                   user_ids=[env.owner_id])
 
 
 def _set_status(env: Environment, status: str, **fields: Any) -> None:
@@ -266,7 +284,7 @@ def _set_status(env: Environment, status: str, **fields: Any) -> None:
     for key, value in fields.items():
         setattr(env, key, value)
     env.save(update_fields=["status", "updated_at", *fields])
-    _changed(env)
+    publish_environment(env)
 
 
 @dataclass(frozen=True)
@@ -328,7 +346,8 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
                 # A team environment is usable by its team: members get the member role.
                 for codename in Role.MEMBER.codenames:
                     assign_perm(f"environments.{codename}", req.team.group, env)
-            jobs.submit_on_commit(provision_environment, env.id)
+            publish_environment(env, "environment.created")
+            transaction.on_commit(lambda: tasks.enqueue_provisioning(env_id))
     except IntegrityError:
         raise ValidationError({"name": [f"you already have an environment named {req.name!r}"]}) from None
     return env
@@ -343,96 +362,9 @@ def _lock_quota_subjects(owner: AbstractBaseUser, team: Team | None) -> None:
         list(Team.objects.select_for_update().filter(pk=team.pk).values_list("pk", flat=True))
 
 
-class _ProgressWriter:
-    """Writes pull progress to the row at most every `interval` seconds (not a write per layer event),
-    and remembers the last figures so the summary survives the pull."""
-
-    def __init__(self, env: Environment, interval: float = 0.1) -> None:
-        self.env, self.interval, self.last_write = env, interval, 0.0
-        self.latest: dict[str, Any] = {}
-
-    def __call__(self, progress: dict[str, Any]) -> None:
-        self.latest = progress
-        now = time.monotonic()
-        if now - self.last_write < self.interval:
-            return
-        self.last_write = now
-        Environment.objects.filter(pk=self.env.pk).update(progress=progress, updated_at=timezone.now())
-        environment_changed.send(sender=Environment, environment=self.env)
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return {"image": self.env.image, "bytes": self.latest.get("total", 0), "layers": self.latest.get("layers", 0)}
 
 
-def provision_environment(env_id: uuid.UUID) -> None:
-    """Pull (if needed), create and start the container, create the user, run setup. Runs in a background job.
-
-    The environment becomes `running` only when all of that worked; a failed setup
-    leaves it in `error` (container stopped, setup log kept), never half-ready.
-    """
-    env = Environment.objects.select_related("template", "owner").get(pk=env_id)
-    pulled: dict[str, Any] = {}
-    try:
-        if not runtime.image_exists(env.image):
-            Environment.objects.filter(pk=env.pk).update(progress={"phase": "pulling", "image": env.image, "current": 0, "total": 0})
-            writer = _ProgressWriter(env)
-            runtime.pull_image(env.image, writer)
-            pulled = {"pulled": writer.summary}
-        Environment.objects.filter(pk=env.pk).update(progress={"phase": "creating", **pulled})
-        container_id = runtime.create_container(_spec(env))
-        Environment.objects.filter(pk=env.pk).update(container_id=container_id)
-        env.container_id = container_id
-        runtime.start_container(container_id)
-        Environment.objects.filter(pk=env.pk).update(progress={"phase": "user", **pulled})
-        ensure_identity(env)
-    except runtime.EngineError as exc:
-        log.warning("provisioning %s failed: %s", env_id, exc)
-        env.refresh_from_db()
-        with transaction.atomic():
-            _set_status(env, Status.ERROR, last_error=str(exc), progress={"phase": "failed", "error": str(exc)})
-        return
-    if env.template.setup or env.template.user_setup:
-        failure = run_setup(env)
-        if failure is not None:
-            log.info("setup of %s failed: %s", env_id, failure)
-            try:
-                runtime.stop_container(env.container_id, timeout=2)
-            except runtime.EngineError:
-                pass
-            env.refresh_from_db()
-            with transaction.atomic():
-                _set_status(env, Status.ERROR, last_error=failure, setup_status=SetupStatus.FAILED,
-                            stopped_at=timezone.now(), progress={"phase": "failed", "error": failure, **pulled})
-            return
-    env.refresh_from_db()
-    with transaction.atomic():
-        setup_status = SetupStatus.SUCCEEDED if (env.template.setup or env.template.user_setup) else SetupStatus.NONE
-        now = timezone.now()
-        _set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", setup_status=setup_status,
-                    progress={"phase": "ready", **pulled})
-
-
-# --- the environment user ------------------------------------------------------------
-
-def ensure_identity(env: Environment) -> dict[str, Any]:
-    """Create the owner's user in the (running) container if needed, and record it on the row."""
-    profile = Profile.for_user(env.owner)
-    command = identity.ensure_user_command(profile, shell=env.template.shell or "/bin/sh", sudo=env.template.allow_sudo,
-                                           owned_dirs=[runtime.WORKSPACE_PATH])
-    result = runtime.exec_run(_require_container(env), command, user="0:0")
-    found = identity.parse_identity(result.output)
-    if result.exit_code != 0 or found is None:
-        detail = result.output.decode(errors="replace").strip()[-500:]
-        raise runtime.EngineError(f"could not create the environment user {profile.shell_name!r} "
-                                  f"(exit {result.exit_code}): {detail}")
-    shared = [m["target"] for m in env.mounts if m.get("type") == "volume" and not m.get("read_only")]
-    if shared:
-        runtime.exec_run(env.container_id, ["/bin/sh", "-c", identity.SHARE_DIR_SCRIPT, "lsl-share", *shared], user="0:0")
-    env.identity = found
-    Environment.objects.filter(pk=env.pk).update(identity=found)
-    return found
-
+# --- the environment user --------------------------------------------------------------
 
 def shell_user(env: Environment) -> str:
     """The exec user for shells and commands in `env`: "uid:gid" of the owner's user in the container."""
@@ -456,6 +388,8 @@ def shell_identity(env: Environment) -> tuple[str, dict[str, str]]:
     """(exec user, environment) for a shell, creating the user first if this container lacks it."""
     if not env.identity and env.container_id and env.status == Status.RUNNING:
         try:
+            from environments.provisioning import ensure_identity
+
             ensure_identity(env)
         except runtime.EngineError as exc:
             log.warning("%s: %s", env, exc)
@@ -470,158 +404,119 @@ def shell_session_identity(container_id: str) -> tuple[str, dict[str, str]]:
     return shell_identity(env)
 
 
-# --- setup hooks -----------------------------------------------------------------------
 
-class _SetupLog:
-    """Appends command output to `setup_log`, written to the row at most every `interval` seconds."""
+# --- start, stop, restart, delete ------------------------------------------------------
 
-    def __init__(self, env: Environment, interval: float = 0.25) -> None:
-        self.env, self.interval = env, interval
-        self.text, self.dropped, self.last_write = "", 0, 0.0
-        self.limit = settings.LSL_SETUP_LOG_MAX_BYTES  # counted in characters
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
-
-    def write(self, data: bytes | str, *, flush: bool = False) -> None:
-        self.text += self.decoder.decode(data) if isinstance(data, bytes) else self.decoder.decode(b"", final=True) + data
-        if len(self.text) > self.limit:  # keep the end: that is where failures are
-            cut = len(self.text) - self.limit
-            self.dropped += cut
-            self.text = self.text[cut:]
-        if flush or time.monotonic() - self.last_write >= self.interval:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_write = time.monotonic()
-        text = (f"[... {self.dropped} earlier characters dropped ...]\n" if self.dropped else "") + self.text
-        Environment.objects.filter(pk=self.env.pk).update(setup_log=text, updated_at=timezone.now())
-        environment_changed.send(sender=Environment, environment=self.env)
+ACTION_STALE_AFTER = timedelta(seconds=120)  # a pending action older than this belonged to a dead process
 
 
-def run_setup(env: Environment) -> str | None:
-    """Run the template's `setup` (as root) then `user_setup` (as the environment user) commands, in order,
-    in /workspace, logging their output. Returns None on success, else what failed."""
-    template = env.template
-    steps = [("root", cmd) for cmd in template.setup or []] + [("user", cmd) for cmd in template.user_setup or []]
-    user, user_env = shell_user(env), shell_environment(env)
-    info = {"LSL_USER": user_env["USER"], "LSL_UID": user.split(":")[0], "LSL_GID": user.split(":")[-1], "LSL_HOME": user_env["HOME"]}
-    Environment.objects.filter(pk=env.pk).update(setup_status=SetupStatus.RUNNING, setup_log="")
-    out = _SetupLog(env)
-    # Docker cannot kill an exec, and a hung hook (a prompt, a stalled download) would
-    # leave the environment `creating` forever: past the deadline the container is
-    # stopped, which ends every process in it, and the output stream with them.
-    timed_out = threading.Event()
+class ActionInProgress(runtime.EngineError):
+    """Another start/stop/restart/delete of this environment is under way."""
 
-    def expire() -> None:
-        timed_out.set()
-        try:
-            runtime.stop_container(env.container_id, timeout=1)
-        except runtime.EngineError as exc:
-            log.warning("setup of %s timed out and its container could not be stopped: %s", env.pk, exc)
 
-    deadline = threading.Timer(float(settings.LSL_SETUP_TIMEOUT), expire)
-    deadline.daemon = True
-    deadline.start()
+@contextmanager
+def _pending(env: Environment, action: str) -> Iterator[None]:
+    """Mark `action` as under way (a conditional UPDATE, so two at once conflict) for its duration.
+
+    While it is set, the worker knows that the engine events this action causes (a `die` for a
+    stop, a `destroy` for a delete) are LSL's own doing, not something that happened behind its back.
+    """
+    now = timezone.now()
+    free = Q(pending_action="") | Q(pending_action_at__lt=now - ACTION_STALE_AFTER) | Q(pending_action_at__isnull=True)
+    if not Environment.objects.filter(Q(pk=env.pk) & free).update(pending_action=action, pending_action_at=now):
+        current = Environment.objects.filter(pk=env.pk).values_list("pending_action", flat=True).first()
+        raise ActionInProgress(f"another action ({current or 'unknown'}) is in progress on this environment; try again shortly")
     try:
-        failure = _run_setup_steps(env, steps, user, user_env, info, out)
+        yield
     finally:
-        deadline.cancel()
-    if timed_out.is_set():
-        limit = f"{settings.LSL_SETUP_TIMEOUT:g} s"
-        out.write(f"\n[setup timed out after {limit}; the container was stopped]\n", flush=True)
-        return f"setup did not finish within {limit} (LSL_SETUP_TIMEOUT); see the setup log"
-    return failure
+        Environment.objects.filter(pk=env.pk, pending_action=action).update(pending_action="", pending_action_at=None)
+        env.pending_action = ""
 
 
-def _run_setup_steps(env: Environment, steps: list[tuple[str, str]], user: str, user_env: dict[str, str],
-                     info: dict[str, str], out: _SetupLog) -> str | None:
-    handed_over = False
-    for number, (who, command) in enumerate(steps, start=1):
-        if who == "user" and not handed_over:
-            _hand_over_workspace(env, user)
-            handed_over = True
-        Environment.objects.filter(pk=env.pk).update(progress={"phase": "setup", "step": number, "of": len(steps), "command": command})
-        out.write(f"{'#' if who == 'root' else '$'} {command}\n", flush=True)
-        try:
-            chunks, exit_code = runtime.exec_stream(
-                env.container_id, ["/bin/sh", "-c", command], user="0:0" if who == "root" else user,
-                workdir=runtime.WORKSPACE_PATH, environment={**info, **(user_env if who == "user" else {})})
-            for chunk in chunks:
-                out.write(chunk)
-            code = exit_code()
-        except runtime.EngineError as exc:
-            out.write(f"\n[setup step {number} could not run: {exc}]\n", flush=True)
-            return f"setup step {number} ({command!r}) could not run: {exc}"
-        if code != 0:
-            out.write(f"\n[setup step {number} exited with status {code}]\n", flush=True)
-            return f"setup step {number} ({command!r}) failed with exit status {code}; see the setup log"
-    if not handed_over:
-        _hand_over_workspace(env, user)
-    out.write(f"[setup finished: {len(steps)} step{'s' * (len(steps) != 1)}]\n", flush=True)
-    return None
-
-
-def _hand_over_workspace(env: Environment, user: str) -> None:
-    """Files root's setup left in the workspace and home belong to the environment user."""
-    home = shell_environment(env)["HOME"]
-    runtime.exec_run(env.container_id, ["chown", "-R", "-h", user, runtime.WORKSPACE_PATH, home], user="0:0")
-
-
-def _require_container(env: Environment) -> str:
+def require_container(env: Environment) -> str:
     if not env.container_id:
         raise runtime.EngineError("the environment has no container yet (still creating or failed)")
     return env.container_id
 
 
 def start_environment(env: Environment) -> Environment:
-    """Start the container; a container removed behind LSL's back is recreated (the workspace volume survives)."""
+    """Start the container. Always recovers an `error` or `missing` environment: a container removed
+    behind LSL's back, or one left half-made by a dead worker or engine, is replaced by a fresh one
+    on the same workspace volume."""
     if env.status == Status.CREATING:
         raise runtime.EngineError("the environment is still being created")
-    state = runtime.container_state(env.container_id) if env.container_id else None
-    if state is None or not state.running:
-        check_quota(env.owner, env.team, cpus=env.cpus, memory_mb=env.memory_mb, new=False, exclude=env)
-    if state is None:
-        env.container_id = runtime.create_container(_spec(env))
-        env.identity = {}  # a new container has no user yet
-        env.save(update_fields=["container_id", "identity", "updated_at"])
-    runtime.start_container(env.container_id)
-    if not env.identity:
-        ensure_identity(env)
-    with transaction.atomic():
-        now = timezone.now()
-        _set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", stop_reason="")
+    with _pending(env, "start"):
+        state = runtime.container_state(env.container_id) if env.container_id else None
+        if state is None or not state.running:
+            check_quota(env.owner, env.team, cpus=env.cpus, memory_mb=env.memory_mb, new=False, exclude=env)
+        if state is not None and state.status in ("dead", "removing"):
+            runtime.remove_container(state.container_id)
+            state = None
+        if state is None:
+            spec = container_spec(env)
+            # A container of ours under the same name (created, then never recorded) is in the way.
+            stale = runtime.find_environment_container(str(env.id), spec.name)
+            if stale is not None:
+                runtime.remove_container(stale.container_id)
+            env.container_id = runtime.create_container(spec)
+            env.identity = {}  # a new container has no user yet
+            env.save(update_fields=["container_id", "identity", "updated_at"])
+        if state is None or not state.running:
+            runtime.start_container(env.container_id)
+        if not env.identity:
+            from environments.provisioning import ensure_identity
+
+            from environments.provisioning import ensure_identity
+
+            ensure_identity(env)
+        with transaction.atomic():
+            now = timezone.now()
+            _set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", stop_reason="")
     return env
 
 
 def stop_environment(env: Environment, *, reason: str = "stopped") -> Environment:
-    container_id = _require_container(env)
-    # Before the container goes: sessions then end with this reason, not "the shell exited".
-    environment_stopped.send(sender=Environment, environment=env, reason=reason)
-    try:
-        runtime.stop_container(container_id)
-    except runtime.ContainerNotFound:
-        pass
-    with transaction.atomic():
-        _set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason)
+    container_id = require_container(env)
+    with _pending(env, "stop"):
+        # Before the container goes: sessions then end with this reason, not "the shell exited".
+        environment_stopped.send(sender=Environment, environment=env, reason=reason)
+        try:
+            runtime.stop_container(container_id)
+        except runtime.ContainerNotFound:
+            pass
+        with transaction.atomic():
+            _set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason)
     return env
 
 
 def restart_environment(env: Environment) -> Environment:
-    container_id = _require_container(env)
-    environment_stopped.send(sender=Environment, environment=env, reason="restarted")
-    runtime.restart_container(container_id)
-    with transaction.atomic():
-        _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="")
+    container_id = require_container(env)
+    with _pending(env, "restart"):
+        environment_stopped.send(sender=Environment, environment=env, reason="restarted")
+        runtime.restart_container(container_id)
+        with transaction.atomic():
+            _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", stop_reason="")
     return env
 
 
 def delete_environment(env: Environment, *, purge: bool = False) -> None:
     """Remove the container; the workspace volume is kept unless `purge` (data loss is explicit)."""
-    environment_stopped.send(sender=Environment, environment=env, reason="deleted")
-    if env.container_id:
-        runtime.remove_container(env.container_id)
-    if purge and env.workspace_volume:
-        runtime.remove_volume(env.workspace_volume)
-    env.delete()
+    with _pending(env, "delete"):
+        environment_stopped.send(sender=Environment, environment=env, reason="deleted")
+        if env.container_id:
+            runtime.remove_container(env.container_id)
+        else:
+            # A dead worker may have created a container it never recorded.
+            stale = runtime.find_environment_container(str(env.id), f"lsl-{env.short_id}")
+            if stale is not None:
+                runtime.remove_container(stale.container_id)
+        if purge and env.workspace_volume:
+            runtime.remove_volume(env.workspace_volume)
+        with transaction.atomic():
+            payload = environment_payload(env)
+            env_id, owner_id = env.pk, env.owner_id
+            env.delete()
+            events.publish("environment.deleted", {"environment": payload}, environment_id=env_id, user_ids=[owner_id])
 
 
 def update_environment(env: Environment, *, name: str | None = None, team: Team | None | Any = ...) -> Environment:
@@ -637,8 +532,9 @@ def update_environment(env: Environment, *, name: str | None = None, team: Team 
         env.team = team
         fields.append("team")
     if fields:
-        env.save(update_fields=[*fields, "updated_at"])
-        _changed(env)
+        with transaction.atomic():
+            env.save(update_fields=[*fields, "updated_at"])
+            publish_environment(env)
     return env
 
 
@@ -692,6 +588,7 @@ def grant_access(env: Environment, *, role: Role, user: AbstractBaseUser | None 
                 assign_perm(f"environments.{codename}", subject, env)
             else:
                 remove_perm(f"environments.{codename}", subject, env)
+        _publish_access(env, user=user, team=team, role=role.label)
     if user is not None:
         return Grant(id=f"user-{user.pk}", kind="user", subject_id=user.pk, name=user.get_username(), role=role)
     assert team is not None
@@ -709,54 +606,33 @@ def revoke_access(env: Environment, grant_id: str) -> bool:
         else:
             deleted, _ = EnvironmentGroupObjectPermission.objects.filter(content_object=env, group__team__pk=int(raw_pk)).delete()
         if deleted:
-            transaction.on_commit(lambda: access_revoked.send(sender=Environment, environment=env))
+            if kind == "user":
+                _publish_access(env, user_id=int(raw_pk), role=None)
+            else:
+                _publish_access(env, team=Team.objects.filter(pk=int(raw_pk)).first(), role=None)
     return bool(deleted)
 
 
 # --- reconciliation ----------------------------------------------------------------
 
-def _status_for(state: runtime.ContainerState | None) -> str:
-    if state is None:
-        return Status.MISSING
-    return Status.RUNNING if state.running else Status.STOPPED
+
+def _publish_access(env: Environment, *, role: str | None, user: AbstractBaseUser | None = None, user_id: int | None = None,
+                    team: Team | None = None) -> None:
+    """Live terminals re-check their participants' roles on this event (no polling)."""
+    if user is not None:
+        user_id = user.pk
+    if user_id is not None:
+        subject, affected = f"user-{user_id}", [user_id]
+    elif team is not None:
+        subject, affected = f"team-{team.pk}", list(team.memberships.values_list("user_id", flat=True))
+    else:
+        return
+    events.publish("access.changed", {"subject": subject, "role": role}, environment_id=env.pk,
+                   user_ids=[*affected, env.owner_id])
 
 
-def reconcile(envs: list[Environment] | None = None) -> list[Environment]:
-    """Make rows agree with the engine (one engine call). Returns the environments that changed.
 
-    `creating` rows belong to their provisioning job and are left alone; `error`
-    rows with no container stay errors.
-    """
-    states = runtime.list_managed_containers()
-    candidates = envs if envs is not None else list(Environment.objects.exclude(status=Status.CREATING).select_related("owner"))
-    changed: list[Environment] = []
-    for env in candidates:
-        if env.status == Status.CREATING or (env.status == Status.ERROR and (not env.container_id or env.setup_status == SetupStatus.FAILED)):
-            continue  # a failed setup stays an error (with its log) until someone starts or deletes it
-        state = states.get(str(env.id))
-        status = _status_for(state)
-        if state is not None and state.container_id != env.container_id:
-            env.container_id = state.container_id
-        if status != env.status:
-            previous = env.status
-            with transaction.atomic():
-                _set_status(env, status, container_id=env.container_id)
-                if previous == Status.RUNNING:
-                    reason = "missing" if status == Status.MISSING else "stopped"
-                    transaction.on_commit(lambda e=env, r=reason: environment_stopped.send(sender=Environment, environment=e, reason=r))
-            changed.append(env)
-    return changed
-
-
-def reconcile_quietly(envs: list[Environment]) -> None:
-    """The cheap check on read: never fail a read because the engine is down."""
-    try:
-        reconcile(envs)
-    except runtime.EngineError as exc:
-        log.info("reconcile on read skipped: %s", exc)
-
-
-# --- idle stop -------------------------------------------------------------------------
+# --- idle stop (run by the worker) ---------------------------------------------------------
 
 def last_activity(env: Environment) -> Any:
     """The latest of: started, last seen active, last participant leaving one of its terminal sessions."""
@@ -786,7 +662,7 @@ def stop_idle_environments(*, idle_after: float | None = None) -> list[Environme
         return []
     stopped: list[Environment] = []
     now = timezone.now()
-    for env in Environment.objects.filter(status=Status.RUNNING).exclude(container_id="").select_related("owner", "template"):
+    for env in Environment.objects.filter(status=Status.RUNNING).exclude(container_id="").select_related("owner", "template", "team"):
         try:
             if is_active(env):
                 Environment.objects.filter(pk=env.pk).update(last_active_at=now)

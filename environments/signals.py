@@ -3,12 +3,6 @@
 from django.dispatch import Signal
 
 # Sent when an environment's container is about to stop, restart or be deleted (before
-# the engine call, so listeners can record why), or was found stopped/missing by reconcile.
+# the engine call, so listeners can record why), or was found stopped/missing by the worker.
 # kwargs: environment (Environment), reason (str: "stopped", "deleted", "missing", "restarted")
 environment_stopped = Signal()
-
-# Sent after any subject lost access to an environment. kwargs: environment
-access_revoked = Signal()
-
-# Sent when an environment's status or progress changed. kwargs: environment
-environment_changed = Signal()

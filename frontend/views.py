@@ -30,6 +30,7 @@ from accounts import services as account_services
 from accounts.models import APIToken, Membership, Team, TeamRole
 from environments import metrics, runtime, services
 from environments.models import Environment, Role, Status
+from lsl_site.errors import DomainError
 from environments.permissions import make_checker, role_for
 from frontend.forms import (EnvironmentCreateForm, MemberForm, ShareForm, TeamCreateForm, ThrottledAuthenticationForm,
                             TokenCreateForm)
@@ -100,7 +101,6 @@ def _dashboard_context(request: HttpRequest, form: EnvironmentCreateForm | None 
     if filters["template"]:
         envs_qs = envs_qs.filter(template__slug=filters["template"])
     envs = list(envs_qs)
-    services.reconcile_quietly(envs)
     checker = make_checker(user, envs)
     live = _live_sessions_by_environment(envs)
     rows = [{"env": env, "role": role_for(user, env, checker), "sessions": live.get(env.pk, [])} for env in envs]
@@ -148,9 +148,6 @@ def environment_create(request: HttpRequest) -> HttpResponse:
 @login_required
 def environment_detail(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
     env, role = _visible_environment(request, env_id)
-    # Same cheap reconcile as the API, so the rendered status matches what the page's poll will see.
-    if env.status != Status.CREATING:
-        services.reconcile_quietly([env])
     context = {
         "env": env,
         "role": role,
@@ -257,7 +254,6 @@ def monitor(request: HttpRequest) -> HttpResponse:
     if not _is_staff(request.user):
         raise PermissionDenied("The monitoring page is for staff; each environment has its own monitor page.")
     envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
-    services.reconcile_quietly(envs)
     live = _live_sessions_by_environment(envs)
     host = metrics.host_snapshot()
     context = {
@@ -272,8 +268,6 @@ def monitor(request: HttpRequest) -> HttpResponse:
 @login_required
 def environment_monitor(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
     env, role = _visible_environment(request, env_id)
-    if env.status != Status.CREATING:
-        services.reconcile_quietly([env])
     context = {"env": env, "role": role, "sessions": _live_sessions_by_environment([env]).get(env.pk, []),
                "uptime": metrics.uptime_seconds(env)}
     return render(request, "frontend/environment_monitor.html", context)
@@ -367,8 +361,11 @@ def team_add_member(request: HttpRequest, slug: str) -> HttpResponse:
     form = MemberForm(request.POST)
     if form.is_valid():
         user, role = form.cleaned_data["username"], form.cleaned_data["role"]
-        account_services.add_member(team, user, role)
-        messages.success(request, f"{user.username} is now {role} of {team.name}.")
+        try:
+            account_services.add_member(team, user, role)
+            messages.success(request, f"{user.username} is now {role} of {team.name}.")
+        except DomainError as exc:
+            messages.error(request, f"{exc.detail}.")
     else:
         for errors in form.errors.values():
             for error in errors:
@@ -381,12 +378,11 @@ def team_add_member(request: HttpRequest, slug: str) -> HttpResponse:
 def team_remove_member(request: HttpRequest, slug: str, username: str) -> HttpResponse:
     team = _team_for_manager(request, slug)
     membership = get_object_or_404(Membership.objects.select_related("user"), team=team, user__username=username)
-    owners = team.memberships.filter(role=TeamRole.OWNER)
-    if membership.role == TeamRole.OWNER and owners.count() == 1:
-        # A team without an owner could only be repaired in the admin.
-        messages.error(request, f"{username} is the last owner of {team.name}; make someone else owner first.")
+    try:
+        account_services.remove_member(team, membership.user)
+    except DomainError as exc:
+        messages.error(request, f"{exc.detail}.")
         return redirect("teams")
-    account_services.remove_member(team, membership.user)
     messages.success(request, f"{username} removed from {team.name}.")
     return redirect("teams")
 

@@ -9,6 +9,18 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
 
+class DomainError(Exception):
+    """A rule of LSL's own said no. Domain code raises these (never DRF's exceptions); the API maps
+    them once (api_exception_handler) and so do the web pages (frontend.views.domain_errors)."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, detail: str, *, fields: dict[str, list[str]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.fields = detail, fields
+
+
 class EngineUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "engine_unavailable"
@@ -30,6 +42,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         exc = exceptions.ValidationError({"image": [str(exc)]})
     elif isinstance(exc, EngineError):
         exc = Conflict(str(exc), code="engine_error")
+    if isinstance(exc, DomainError):
+        body: dict[str, Any] = {"code": exc.code, "detail": exc.detail}
+        if exc.fields:
+            body["fields"] = exc.fields
+        return Response({"error": body}, status=exc.status)
     response = exception_handler(exc, context)
     if response is None:
         return None

@@ -54,6 +54,9 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "guardian",
+    "django_tasks",
+    "django_tasks_db",
+    "lsl_site",
     "accounts",
     "environments",
     "sessions.apps.TerminalSessionsConfig",
@@ -98,8 +101,12 @@ except ValueError as exc:
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Background jobs and daphne workers write concurrently: wait for the lock
     # instead of failing, and take the write lock up front to avoid upgrade deadlocks.
-    DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}
+    # WAL: the web process, the worker and their pollers read while one of them writes.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE",
+                                       "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"}
     DATABASES["default"]["TEST"] = {"NAME": env_str("LSL_TEST_DATABASE", str(VAR_DIR / "test.sqlite3"))}
+
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 
 REDIS_URL = env_str("LSL_REDIS_URL")
 if REDIS_URL:
@@ -178,7 +185,19 @@ LSL_DOCKER_TIMEOUT = env_int("LSL_DOCKER_TIMEOUT", 60, minimum=1)
 LSL_HOST_MOUNT_ROOTS = env_paths("LSL_HOST_MOUNT_ROOTS")
 LSL_INSTANCE = env_str("LSL_INSTANCE", "default")  # label value on everything this server creates
 LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
-LSL_RECONCILE_TTL = env_float("LSL_RECONCILE_TTL", 2.0, minimum=0)
+# The worker (manage.py lsl_worker): engine events keep rows current; a full reconcile every
+# LSL_RECONCILE_INTERVAL seconds is the safety net for anything an event stream missed.
+LSL_RECONCILE_INTERVAL = env_float("LSL_RECONCILE_INTERVAL", 30.0, minimum=1)
+LSL_WORKER_THREADS = env_int("LSL_WORKER_THREADS", 4, minimum=1)
+LSL_WORKER_POLL_INTERVAL = env_float("LSL_WORKER_POLL_INTERVAL", 0.05, minimum=0.01)
+LSL_PROVISION_LEASE = env_float("LSL_PROVISION_LEASE", 15.0, minimum=3)  # seconds; renewed every third of it
+LSL_ENGINE_RETRY_FOR = env_float("LSL_ENGINE_RETRY_FOR", 30.0, minimum=0)  # provisioning waits this long for an engine that is down
+LSL_STATS_INTERVAL = env_float("LSL_STATS_INTERVAL", 10.0, minimum=1)
+# Events (lsl_site/events.py): polled this often without Redis; with Redis, pub/sub wakes listeners
+# at once and polling slows to LSL_EVENT_POLL_SLOW (it still catches up after a Redis outage).
+LSL_EVENT_POLL_INTERVAL = env_float("LSL_EVENT_POLL_INTERVAL", 0.1, minimum=0.01)
+LSL_EVENT_POLL_SLOW = env_float("LSL_EVENT_POLL_SLOW", 1.0, minimum=0.05)
+LSL_EVENT_RETENTION = env_float("LSL_EVENT_RETENTION", 3600.0, minimum=60)
 LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)
 LSL_SESSION_RECORD_INPUT = env_bool("LSL_SESSION_RECORD_INPUT", False)
 # Unacked bytes per participant: ~0.5 s of a flood at the engine's TTY rate, so a healthy

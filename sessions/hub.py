@@ -25,6 +25,7 @@ from django.conf import settings
 
 from environments import runtime
 from environments.services import shell_session_identity
+from lsl_site import events
 from sessions import services
 from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.recording import Recorder
@@ -101,6 +102,8 @@ class Hub:
         self._idle_task: asyncio.Task[Any] | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._pending_input: dict[int, bytearray] = {}
+        self._bus: events.EventBus | None = None
+        self._bus_key: int | None = None
 
     # --- life cycle -------------------------------------------------------------
 
@@ -110,6 +113,10 @@ class Hub:
                                            cols=self.cols, rows=self.rows, workdir=runtime.WORKSPACE_PATH, user=user, environment=user_env)
         self.exec.sock.setblocking(False)
         HUBS[self.session_id] = self
+        # Whoever ends the session (a user, a stopped environment, the worker), in whichever
+        # process, records it and publishes `session.ended`; the owner hangs up when it hears it.
+        self._bus = await events.bus()
+        self._bus_key = self._bus.subscribe(self._on_event)
         for coro in (self._read_pty(), self._receive(), self._heartbeat(), self._flush_recording()):
             self.tasks.append(asyncio.create_task(coro))
         self._arm_idle_timer()
@@ -168,11 +175,18 @@ class Hub:
                 reason = EndReason.ENVIRONMENT_STOPPED
         await self._finish(reason, code)
 
+    def _on_event(self, record: events.EventRecord) -> None:
+        if record.kind == "session.ended" and record.session_id == self.session_id and not self.finished.is_set():
+            reason = str(record.payload.get("reason") or EndReason.ENDED)
+            self.tasks.append(asyncio.create_task(self.terminate(reason)))
+
     async def _finish(self, reason: str, code: int | None) -> None:
         if self.finished.is_set():
             return
         self.finished.set()
         HUBS.pop(self.session_id, None)
+        if self._bus is not None and self._bus_key is not None:
+            self._bus.unsubscribe(self._bus_key)
         self.recorder.close()
         await database_sync_to_async(services.mark_ended)(self.session_id, reason, code)
         # The DB may hold an earlier reason (e.g. the environment was stopped): report that one.

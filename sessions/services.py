@@ -6,8 +6,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Q
@@ -16,6 +14,7 @@ from django.utils import timezone
 
 from environments.models import Environment
 from environments.signals import environment_stopped
+from lsl_site import events
 from sessions.models import AuditEvent, AuditKind, EndReason, Participation, TerminalSession
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,22 @@ def open_session(env: Environment, user: AbstractBaseUser, *, name: str = "", co
             command=[env.template.shell or "/bin/sh"],
         )
         AuditEvent.objects.create(session=session, user=user, kind=AuditKind.OPEN, data={"cols": cols, "rows": rows})
+        events.publish("session.opened", {"name": name, "creator": user.get_username(),
+                                          "created_at": session.created_at.isoformat()},
+                       environment_id=env.pk, session_id=session.pk)
     return session
+
+
+def _publish_presence(session_id: Any) -> None:
+    """Who is attached now, for dashboards (participants in the terminal hear it from the hub)."""
+    row = TerminalSession.objects.filter(pk=session_id).values("environment_id").first()
+    if row is None or row["environment_id"] is None:
+        return
+    attached = (Participation.objects.filter(session_id=session_id, left_at__isnull=True).select_related("user")
+                .order_by("joined_at"))
+    participants = [{"user": p.user.get_username(), "role": p.role, "client": p.client_kind} for p in attached]
+    events.publish("session.presence", {"participants": participants}, environment_id=row["environment_id"],
+                   session_id=session_id)
 
 
 def record_event(session_id: Any, kind: str, user_id: int | None = None, **data: Any) -> None:
@@ -52,6 +66,7 @@ def join(session_id: Any, user: AbstractBaseUser, role: str, client_kind: str, r
         participation = Participation.objects.create(session_id=session_id, user=user, role=role,
                                                      client_kind=client_kind, remote_addr=remote_addr)
         record_event(session_id, AuditKind.JOIN, user.pk, role=role, client=client_kind, remote_addr=remote_addr)
+        _publish_presence(session_id)
     return participation
 
 
@@ -65,10 +80,15 @@ def leave(participation_id: int) -> None:
     with transaction.atomic():
         if Participation.objects.filter(pk=participation_id, left_at__isnull=True).update(left_at=timezone.now()):
             record_event(row["session_id"], AuditKind.LEAVE, row["user_id"], client=row["client_kind"])
+            _publish_presence(row["session_id"])
 
 
 def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:
-    """Record the end once; returns False if it had already ended (the first reason wins)."""
+    """Record the end once; returns False if it had already ended (the first reason wins).
+
+    The `session.ended` event it publishes is also how the process owning the PTY, wherever it
+    is, learns that it must hang up (Hub subscribes to it).
+    """
     now = timezone.now()
     with transaction.atomic():
         updated = TerminalSession.objects.filter(pk=session_id, ended_at__isnull=True).update(
@@ -76,6 +96,9 @@ def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:
         if updated:
             Participation.objects.filter(session_id=session_id, left_at__isnull=True).update(left_at=now)
             record_event(session_id, AuditKind.END, None, reason=reason, exit_code=exit_code)
+            env_id = TerminalSession.objects.filter(pk=session_id).values_list("environment_id", flat=True).first()
+            events.publish("session.ended", {"reason": reason, "exit_code": exit_code}, environment_id=env_id,
+                           session_id=session_id)
     return bool(updated)
 
 
@@ -108,14 +131,9 @@ def set_size(session_id: Any, cols: int, rows: int, user_id: int | None) -> None
 
 
 def end_session(session: TerminalSession, reason: str = EndReason.ENDED) -> None:
-    """Ask the PTY's owner to kill the shell; if no process owns it, just record the end."""
+    """Record the end; the PTY's owner (any process) hears `session.ended` and kills the shell."""
+    mark_ended(session.pk, reason, None)
     session.refresh_from_db()
-    if session.ended_at is not None:
-        return
-    if session.hub_channel and session.hub_seen_at and timezone.now() - session.hub_seen_at < HUB_STALE_AFTER:
-        async_to_sync(get_channel_layer().send)(session.hub_channel, {"type": "hub.terminate", "reason": reason})
-    else:
-        mark_ended(session.pk, reason, None)
 
 
 def live_sessions(env: Environment) -> Any:
@@ -124,13 +142,7 @@ def live_sessions(env: Environment) -> Any:
 
 @receiver(environment_stopped)
 def _end_sessions_of_stopped_environment(sender: Any, environment: Environment, reason: str, **kwargs: Any) -> None:
-    """Record the end first (so it carries this reason), then tell each PTY owner to hang up."""
+    """Record each end with this reason; their PTY owners hear `session.ended` and hang up."""
     end_reason = EndReason.ENVIRONMENT_DELETED if reason == "deleted" else EndReason.ENVIRONMENT_STOPPED
-    for session in TerminalSession.objects.filter(Q(environment_id=environment.pk), ended_at__isnull=True):
-        hub_channel = session.hub_channel
-        mark_ended(session.pk, end_reason, None)
-        if hub_channel:
-            try:
-                async_to_sync(get_channel_layer().send)(hub_channel, {"type": "hub.terminate", "reason": end_reason})
-            except Exception:  # a channel-layer hiccup must not fail the stop itself
-                log.exception("could not notify the owner of session %s", session.pk)
+    for session_id in TerminalSession.objects.filter(Q(environment_id=environment.pk), ended_at__isnull=True).values_list("pk", flat=True):
+        mark_ended(session_id, end_reason, None)

@@ -99,9 +99,9 @@ def wait_for_status(env_id: Any, statuses: set[str] | str, timeout: float = 60.0
 
 
 @pytest.fixture()
-def make_env(engine: None, catalog: None, transactional_db: Any) -> Iterator[Any]:
-    """Create a running environment through the service layer; wait for it."""
-    from environments import jobs, services
+def make_env(engine: None, catalog: None, transactional_db: Any, worker_proc: "WorkerProcess") -> Iterator[Any]:
+    """Create a running environment through the service layer; the worker provisions it; wait for it."""
+    from environments import services
     from environments.models import Template
 
     def make(owner: Any, name: str | None = None, template: str = "busybox", **kwargs: Any) -> Any:
@@ -110,7 +110,6 @@ def make_env(engine: None, catalog: None, transactional_db: Any) -> Iterator[Any
         return wait_for_status(env.id, {"running", "error"})
 
     yield make
-    jobs.wait_idle()
 
 
 def docker_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -145,18 +144,10 @@ def start_daphne(extra_env: dict[str, str] | None = None, name: str = "daphne") 
 
     import requests
     from django.conf import settings
-    from django.db import connection
 
     port = free_port()
     log = Path(settings.VAR_DIR) / f"{name}-{port}.log"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "lsl_site.settings",
-        "LSL_DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
-        "LSL_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "PYTHONUNBUFFERED": "1",
-        **(extra_env or {}),
-    }
+    env = process_env(extra_env)
     handle = log.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "lsl_site.asgi:application"],
                             cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -182,8 +173,88 @@ def stop_daphne(server: LiveServer) -> None:
         server.proc.kill()
 
 
+class WorkerProcess:
+    """A real `manage.py lsl_worker` process (provisioning, engine events, periodic jobs)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.proc, self.log, self.extra_env = proc, log, extra_env
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def kill(self) -> None:
+        """kill -9: no clean-up, no lease released, like a crash or an OOM kill."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Start a fresh process in place of this one (the session fixture keeps working)."""
+        if self.proc.poll() is None:
+            self.kill()
+        fresh = start_worker(self.extra_env)
+        self.proc, self.log = fresh.proc, fresh.log
+
+
+def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server or worker process sharing the test database."""
+    from django.db import connection
+
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "lsl_site.settings",
+        "LSL_DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "LSL_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+
+
+def start_worker(extra_env: dict[str, str] | None = None, name: str = "worker") -> WorkerProcess:
+    """Start `manage.py lsl_worker` and wait until it says it runs."""
+    import sys
+
+    from django.conf import settings
+
+    log = Path(settings.VAR_DIR) / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    handle = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "manage.py", "lsl_worker"], cwd=REPO, env=process_env(extra_env),
+                            stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while "running" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+    return WorkerProcess(proc, log, extra_env)
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    worker.proc.terminate()
+    try:
+        worker.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        worker.proc.kill()
+        worker.proc.wait(timeout=5)
+
+
 @pytest.fixture(scope="session")
-def live_server_proc(django_db_setup: Any, django_db_blocker: Any, engine: None) -> Iterator[LiveServer]:
+def worker_proc(django_db_setup: Any, django_db_blocker: Any, engine: None) -> Iterator[WorkerProcess]:
+    """One worker for the whole run, like production: nothing in the test process does background work."""
+    with django_db_blocker.unblock():
+        worker = start_worker()
+    yield worker
+    stop_worker(worker)
+
+
+@pytest.fixture(autouse=True)
+def _worker_for_engine_tests(request: Any) -> None:
+    """Every test that uses the engine gets the worker too: provisioning and engine events need it."""
+    if "engine" in request.fixturenames:
+        request.getfixturevalue("worker_proc")
+
+
+@pytest.fixture(scope="session")
+def live_server_proc(django_db_setup: Any, django_db_blocker: Any, engine: None, worker_proc: WorkerProcess) -> Iterator[LiveServer]:
     """One daphne for the whole run; tests using it need `transactional_db` so it sees their rows."""
     with django_db_blocker.unblock():
         server = start_daphne()

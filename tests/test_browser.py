@@ -24,7 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from environments import jobs, runtime
+from environments import runtime
 from environments.models import Environment, Role
 from environments.services import grant_access
 
@@ -118,7 +118,6 @@ class Browser:
 def cleanup_containers(transactional_db: Any) -> Iterator[None]:
     """Remove this test's containers and volumes afterwards (browsers create environments in the live server)."""
     yield
-    jobs.wait_idle()
     for env in Environment.objects.all():  # the transactional test database holds only this test's rows
         try:
             if env.container_id:

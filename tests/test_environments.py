@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext, override_settings
 
-from environments import jobs, runtime
+from environments import runtime
 from environments.models import Environment
 from tests.conftest import api_client, docker_cli, wait_for_status
 
@@ -116,19 +116,23 @@ def test_out_of_band_stop_and_remove_are_reconciled(people: Any, make_env: Any) 
     assert docker_cli("stop", "-t", "1", stopped.container_id).returncode == 0
     assert docker_cli("rm", "-f", removed.container_id).returncode == 0
 
+    # The worker hears the engine's events: no request in between, and reads only read.
+    assert wait_for_status(stopped.id, "stopped", timeout=2).stop_reason == "stopped"
+    assert wait_for_status(removed.id, "missing", timeout=2).stop_reason == "removed"
     assert client.get(f"/api/v1/environments/{stopped.id}/").json()["status"] == "stopped"
     listed = {item["name"]: item["status"] for item in client.get("/api/v1/environments/").json()["results"]}
     assert listed["removed-behind-back"] == "missing"
 
-    # The management command agrees after something else changes behind LSL's back.
+    # Started behind LSL's back: running again, and the full reconcile agrees (nothing left to change).
     assert docker_cli("start", stopped.container_id).returncode == 0
+    wait_for_status(stopped.id, "running", timeout=2)
     from io import StringIO
 
     from django.core.management import call_command
 
     out = StringIO()
     call_command("lsl_reconcile", stdout=out)
-    assert "stopped-behind-back: now running" in out.getvalue()
+    assert "reconciled: 0 changed" in out.getvalue()
 
     # Starting a missing environment recreates its container on the same workspace volume.
     response = client.post(f"/api/v1/environments/{removed.id}/start/")

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from environments import runtime, services
+from environments import reconcile, runtime
 
 
 class Command(BaseCommand):
@@ -12,7 +12,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            changed = services.reconcile()
+            changed = reconcile.reconcile()
         except runtime.EngineUnavailableError as exc:
             raise CommandError(str(exc)) from None
         for env in changed:

@@ -1,0 +1,139 @@
+"""Engine state → rows. Runs in the worker only: reads (API, pages, /metrics) never ask the engine.
+
+Two ways in: `EngineEventTracker.apply` for each `docker events` record (a container killed,
+stopped, OOM-killed or removed behind LSL's back shows within moments, with the reason), and
+`reconcile` — a full comparison — at start-up, after the event stream reconnects, and every
+LSL_RECONCILE_INTERVAL seconds as a safety net.
+
+Rows that some other party is changing are left alone: `creating` ones (their provisioning worker
+decides), and ones with a fresh `pending_action` (a start/stop/restart/delete request is making the
+engine do exactly what the events report).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from environments import runtime, services
+from environments.models import Environment, SetupStatus, Status
+from environments.signals import environment_stopped
+
+log = logging.getLogger(__name__)
+
+MEMORY_SECONDS = 30.0  # how long an `oom`/`kill` event is remembered for the `die` that follows it
+
+
+def _busy(env: Environment) -> bool:
+    if env.status == Status.CREATING:
+        return True
+    return bool(env.pending_action) and env.pending_action_at is not None and \
+        timezone.now() - env.pending_action_at < services.ACTION_STALE_AFTER
+
+
+def stop_reason(exit_code: int | None, *, oom: bool = False, signal: int | None = None) -> str:
+    """The reason users see for a container that stopped without LSL stopping it."""
+    if oom:
+        return "oom"
+    if signal == 9:
+        return "killed"
+    if signal == 15:
+        return "stopped"  # `docker stop` from outside: a polite stop, whoever asked
+    if exit_code is None:
+        return "stopped"
+    return f"exited {exit_code}"
+
+
+def _mark(env: Environment, status: str, reason: str, **fields: Any) -> None:
+    previous = env.status
+    with transaction.atomic():
+        locked = Environment.objects.select_for_update().filter(pk=env.pk).first()
+        if locked is None or locked.status != previous or _busy(locked):
+            return  # changed meanwhile: whoever changed it had the fresher view
+        now = timezone.now()
+        extra: dict[str, Any] = {"stop_reason": reason} if status != Status.RUNNING else {"stop_reason": "", "started_at": now}
+        if status != Status.RUNNING and previous == Status.RUNNING:
+            extra["stopped_at"] = now
+        services._set_status(env, status, **extra, **fields)
+        if previous == Status.RUNNING and status != Status.RUNNING:
+            transaction.on_commit(lambda: environment_stopped.send(
+                sender=Environment, environment=env, reason="missing" if status == Status.MISSING else "stopped"))
+    log.info("%s: %s → %s (%s)", env, previous, status, reason or "started")
+
+
+class EngineEventTracker:
+    """Turns the engine's container events into row changes; remembers `oom`/`kill` for the `die` after them."""
+
+    def __init__(self) -> None:
+        self.oom: dict[str, float] = {}
+        self.signals: dict[str, tuple[int, float]] = {}
+
+    def apply(self, event: runtime.EngineEvent) -> None:
+        now = time.monotonic()
+        if event.action == "oom":
+            self.oom[event.container_id] = now
+            return
+        if event.action == "kill":
+            if event.signal is not None:
+                self.signals[event.container_id] = (event.signal, now)
+            return
+        if event.action not in ("die", "destroy", "start") or not event.environment_id:
+            return
+        env = (Environment.objects.select_related("owner", "template", "team")
+               .filter(pk=event.environment_id).first())
+        if env is None or _busy(env) or (env.container_id and env.container_id != event.container_id):
+            return
+        if event.action == "start":
+            if env.status in (Status.STOPPED, Status.ERROR, Status.MISSING):
+                _mark(env, Status.RUNNING, "", container_id=event.container_id)
+            return
+        if event.action == "die":
+            oom = now - self.oom.pop(event.container_id, -1e9) < MEMORY_SECONDS
+            signal, at = self.signals.pop(event.container_id, (None, -1e9))
+            reason = stop_reason(event.exit_code, oom=oom, signal=signal if now - at < MEMORY_SECONDS else None)
+            if env.status == Status.RUNNING:
+                _mark(env, Status.STOPPED, reason)
+            return
+        # destroy
+        self.oom.pop(event.container_id, None)
+        self.signals.pop(event.container_id, None)
+        if env.status in (Status.RUNNING, Status.STOPPED):
+            _mark(env, Status.MISSING, "removed")
+
+
+def _status_for(state: runtime.ContainerState | None) -> str:
+    if state is None:
+        return Status.MISSING
+    return Status.RUNNING if state.running else Status.STOPPED
+
+
+def reconcile(envs: list[Environment] | None = None) -> list[Environment]:
+    """Make rows agree with the engine (one engine call). Returns the environments that changed.
+
+    `creating` rows belong to their provisioning worker; rows with an action in progress belong to
+    that action; a failed setup or a container-less error stays an error until someone starts it.
+    """
+    states = runtime.list_managed_containers()
+    candidates = envs if envs is not None else list(
+        Environment.objects.exclude(status=Status.CREATING).select_related("owner", "template", "team"))
+    changed: list[Environment] = []
+    for env in candidates:
+        if _busy(env) or (env.status == Status.ERROR and (not env.container_id or env.setup_status == SetupStatus.FAILED)):
+            continue
+        state = states.get(str(env.id))
+        status = _status_for(state)
+        if status == env.status:
+            continue
+        if status == Status.MISSING:
+            reason = "removed"
+        elif status == Status.STOPPED:
+            reason = stop_reason(state.exit_code if state else None)
+        else:
+            reason = ""
+        _mark(env, status, reason, **({"container_id": state.container_id} if state is not None else {}))
+        changed.append(env)
+    return changed

@@ -1,0 +1,225 @@
+"""The worker process (`manage.py lsl_worker`): all of LSL's background work, none of it in daphne.
+
+Threads, each with one job:
+- task runners (LSL_WORKER_THREADS): claim django-tasks rows (provisioning) and run them;
+- the engine watcher: follows `docker events` for this instance's containers and turns them into
+  row changes (reconcile.EngineEventTracker); on every (re)connect it first runs a full reconcile,
+  so nothing that happened while it was away is missed;
+- periodic jobs, one thread each: resume stalled provisioning, enforce setup deadlines, the full
+  reconcile safety net, idle stop, container stats sampling, event and task-result pruning.
+  Several workers may run: each periodic run is claimed with a conditional UPDATE on its
+  PeriodicJob row, so it happens once per interval whoever runs it.
+
+Any number of workers can run against one database. A worker killed with -9 loses nothing but
+time: the rows it was provisioning are resumed by whichever worker is alive once their leases
+run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from environments import metrics, provisioning, reconcile, runtime, services, tasks
+from environments.models import Environment, Status
+from lsl_site import events
+from lsl_site.models import PeriodicJob
+
+log = logging.getLogger("lsl.worker")
+
+
+@dataclass(frozen=True)
+class Periodic:
+    name: str
+    interval: Callable[[], float]  # seconds; <= 0 turns the job off
+    run: Callable[[], Any]
+
+
+def _sample_stats() -> dict[str, Any]:
+    """Container figures for the monitor and /metrics, so that reading them never asks the engine."""
+    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id=""))
+    stats = metrics.sample_container_stats(envs)
+    now = timezone.now()
+    for env in envs:
+        Environment.objects.filter(pk=env.pk).update(stats=stats.get(env.pk) or {}, stats_at=now)
+    Environment.objects.exclude(status=Status.RUNNING).exclude(stats={}).update(stats={}, stats_at=None)
+    try:
+        return {"engine": runtime.engine_info(), "engine_up": True, "sampled_at": now.isoformat()}
+    except runtime.EngineError as exc:
+        return {"engine": {"error": str(exc)}, "engine_up": False, "sampled_at": now.isoformat()}
+
+
+def _prune_task_results() -> int:
+    from django_tasks_db.models import DBTaskResult
+
+    cutoff = timezone.now() - timedelta(hours=1)
+    deleted, _ = DBTaskResult.objects.finished().filter(finished_at__lt=cutoff).delete()
+    return deleted
+
+
+PERIODIC: list[Periodic] = [
+    Periodic("resume_stalled_provisioning", lambda: 2.0,
+             lambda: provisioning.resume_stalled(tasks.enqueue_provisioning)),
+    Periodic("enforce_setup_deadlines", lambda: 2.0, provisioning.enforce_setup_deadlines),
+    Periodic("reconcile", lambda: settings.LSL_RECONCILE_INTERVAL, lambda: len(reconcile.reconcile())),
+    Periodic("stop_idle_environments",
+             lambda: settings.LSL_IDLE_CHECK_INTERVAL if settings.LSL_IDLE_STOP_AFTER > 0 else 0,
+             lambda: len(services.stop_idle_environments())),
+    Periodic("sample_stats", lambda: settings.LSL_STATS_INTERVAL, _sample_stats),
+    Periodic("prune_events", lambda: 300.0, lambda: events.prune(settings.LSL_EVENT_RETENTION)),
+    Periodic("prune_task_results", lambda: 3600.0, _prune_task_results),
+]
+
+
+def claim_periodic(name: str, interval: float, worker_id: str) -> bool:
+    """Take this interval's run of `name`, unless another worker already did."""
+    now = timezone.now()
+    PeriodicJob.objects.get_or_create(name=name, defaults={"due_at": now})
+    return bool(PeriodicJob.objects.filter(name=name, due_at__lte=now).update(
+        due_at=now + timedelta(seconds=interval), last_run_by=worker_id, last_run_at=now))
+
+
+class Worker:
+    def __init__(self, worker_id: str | None = None, threads: int | None = None) -> None:
+        self.worker_id = worker_id or provisioning.new_worker_id()
+        self.threads = threads or settings.LSL_WORKER_THREADS
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        tasks.WORKER_ID = self.worker_id
+        log.info("worker %s: %d task threads, engine watcher, %d periodic jobs", self.worker_id, self.threads, len(PERIODIC))
+        for number in range(self.threads):
+            self._spawn(f"lsl-task-{number}", self._run_tasks)
+        self._spawn("lsl-engine-watcher", self._watch_engine)
+        for job in PERIODIC:
+            self._spawn(f"lsl-periodic-{job.name}", self._run_periodic, job)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=self._guarded, args=(target, *args), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _guarded(self, target: Callable[..., None], *args: Any) -> None:
+        try:
+            target(*args)
+        finally:
+            connection.close()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work; give running tasks `grace` seconds. Whatever is cut short is resumed later
+        (leases run out), so a quick exit is safe."""
+        self.stopping.set()
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def _run_tasks(self) -> None:
+        from django_tasks_db.management.commands.db_worker import Worker as TaskRunner
+        from django_tasks_db.models import DBTaskResult
+        from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
+        from django.db.utils import OperationalError
+
+        runner = TaskRunner(queue_names=["default"], interval=0, batch=False, backend_name="default",
+                            startup_delay=False, max_tasks=None, worker_id=self.worker_id, excluded_queue_names=[])
+        poll = settings.LSL_WORKER_POLL_INTERVAL
+        while not self.stopping.is_set():
+            close_old_connections()
+            try:
+                ready = DBTaskResult.objects.ready().filter(backend_name="default")
+                # A cheap read first: the claim below takes SQLite's write lock, which must not
+                # happen 20 times a second per thread when there is nothing to do.
+                if not ready.exists():
+                    self.stopping.wait(poll)
+                    continue
+                with exclusive_transaction(ready.db):
+                    task_result = ready.get_locked()
+                    if task_result is not None:
+                        task_result.claim(self.worker_id)
+            except OperationalError as exc:
+                if not is_locked_database_exception(exc):
+                    log.warning("claiming a task failed: %s", exc)
+                self.stopping.wait(poll)
+                continue
+            except Exception:
+                log.exception("claiming a task failed")
+                self.stopping.wait(1.0)
+                continue
+            if task_result is None:
+                continue
+            with self._busy_lock:
+                self.busy += 1
+            try:
+                runner.run_task(task_result)
+            finally:
+                with self._busy_lock:
+                    self.busy -= 1
+
+    # --- engine events --------------------------------------------------------------------------
+
+    def _watch_engine(self) -> None:
+        backoff = 0.5
+        tracker = reconcile.EngineEventTracker()
+        while not self.stopping.is_set():
+            close_old_connections()
+            try:
+                stream = runtime.container_events()  # subscribed before the reconcile: nothing falls between
+                changed = reconcile.reconcile()
+                log.info("engine watcher: connected; reconcile changed %d environments", len(changed))
+                backoff = 0.5
+                for event in stream:
+                    close_old_connections()
+                    try:
+                        tracker.apply(event)
+                    except Exception:
+                        log.exception("engine watcher: applying %s failed", event)
+                    if self.stopping.is_set():
+                        return
+            except runtime.EngineError as exc:
+                log.warning("engine watcher: %s; reconnecting in %.1fs", exc, backoff)
+            except Exception:
+                log.exception("engine watcher failed; reconnecting in %.1fs", backoff)
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    # --- periodic jobs ----------------------------------------------------------------------------
+
+    def _run_periodic(self, job: Periodic) -> None:
+        while not self.stopping.is_set():
+            interval = job.interval()
+            if interval <= 0:
+                self.stopping.wait(30.0)
+                continue
+            close_old_connections()
+            try:
+                if claim_periodic(job.name, interval, self.worker_id):
+                    result = job.run()
+                    fields: dict[str, Any] = {"last_error": ""}
+                    if isinstance(result, dict):
+                        fields["result"] = result
+                    PeriodicJob.objects.filter(name=job.name).update(**fields)
+            except runtime.EngineError as exc:
+                log.info("periodic %s: %s", job.name, exc)
+                PeriodicJob.objects.filter(name=job.name).update(last_error=str(exc)[:2000])
+            except Exception as exc:
+                log.exception("periodic %s failed", job.name)
+                try:
+                    PeriodicJob.objects.filter(name=job.name).update(last_error=f"{exc.__class__.__name__}: {exc}"[:2000])
+                except Exception:
+                    pass
+            self.stopping.wait(min(interval, 1.0) if interval < 5 else 1.0)
