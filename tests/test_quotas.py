@@ -8,14 +8,13 @@ from io import StringIO
 from typing import Any
 
 import pytest
-import requests
 from django.core.management import call_command
 from django.test.utils import override_settings
 
 from accounts.models import Profile
 from environments import runtime, services
 from environments.models import Environment, TeamQuota
-from tests.conftest import api_client, make_token, start_daphne, stop_daphne, wait_for_status
+from tests.conftest import api_client, wait_for_status
 
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
 
@@ -121,17 +120,20 @@ def test_idle_environments_are_stopped_not_deleted(people: Any, make_env: Any) -
     assert set(Environment.objects.values_list("status", "stop_reason")) == {("stopped", "idle")}
 
 
-def test_the_server_stops_idle_environments_by_itself(people: Any, make_env: Any) -> None:
-    server = start_daphne({"LSL_IDLE_STOP_AFTER": "2", "LSL_IDLE_CHECK_INTERVAL": "0.5"}, name="daphne-idle")
+def test_the_worker_stops_idle_environments_by_itself(people: Any, make_env: Any) -> None:
+    from tests.conftest import start_worker, stop_worker
+
+    # A second worker with idle stop on (the session's has it off): periodic jobs are claimed per run,
+    # so exactly one worker runs each.
+    worker = start_worker({"LSL_IDLE_STOP_AFTER": "2", "LSL_IDLE_CHECK_INTERVAL": "0.5"}, name="worker-idle")
     try:
         env = make_env(people.owner, name="sleepy")
-        headers = {"Authorization": f"Token {make_token(people.owner)}"}
         deadline = time.monotonic() + 20
-        while requests.get(f"{server.url}/api/v1/environments/{env.id}/", headers=headers, timeout=10).json()["status"] != "stopped":
-            assert time.monotonic() < deadline, server.log_tail()
+        while Environment.objects.get(pk=env.pk).status != "stopped":
+            assert time.monotonic() < deadline, worker.log_tail()
             time.sleep(0.3)
         env.refresh_from_db()
         assert env.stop_reason == "idle"
-        assert "idle watcher: stopped alice/sleepy" in server.log_tail(20000)
+        assert "stopping alice/sleepy: idle for more than 2s" in worker.log_tail(20000)
     finally:
-        stop_daphne(server)
+        stop_worker(worker)
