@@ -102,8 +102,7 @@ class Worker:
     def start(self) -> None:
         tasks.WORKER_ID = self.worker_id
         log.info("worker %s: %d task threads, engine watcher, %d periodic jobs", self.worker_id, self.threads, len(PERIODIC))
-        for number in range(self.threads):
-            self._spawn(f"lsl-task-{number}", self._run_tasks)
+        self._spawn("lsl-task-claimer", self._run_tasks)
         self._spawn("lsl-engine-watcher", self._watch_engine)
         for job in PERIODIC:
             self._spawn(f"lsl-periodic-{job.name}", self._run_periodic, job)
@@ -130,45 +129,58 @@ class Worker:
     # --- tasks --------------------------------------------------------------------------------
 
     def _run_tasks(self) -> None:
+        """One thread polls and claims; up to `threads` tasks run at once on a pool.
+
+        Polling is a cheap read (`exists`) every LSL_WORKER_POLL_INTERVAL; only when something is
+        ready does it take the claim transaction, which on SQLite holds the write lock.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from django.db.utils import OperationalError
         from django_tasks_db.management.commands.db_worker import Worker as TaskRunner
         from django_tasks_db.models import DBTaskResult
         from django_tasks_db.utils import exclusive_transaction, is_locked_database_exception
-        from django.db.utils import OperationalError
 
         runner = TaskRunner(queue_names=["default"], interval=0, batch=False, backend_name="default",
                             startup_delay=False, max_tasks=None, worker_id=self.worker_id, excluded_queue_names=[])
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lsl-task")
+        free = threading.Semaphore(self.threads)
         poll = settings.LSL_WORKER_POLL_INTERVAL
-        while not self.stopping.is_set():
-            close_old_connections()
-            try:
-                ready = DBTaskResult.objects.ready().filter(backend_name="default")
-                # A cheap read first: the claim below takes SQLite's write lock, which must not
-                # happen 20 times a second per thread when there is nothing to do.
-                if not ready.exists():
-                    self.stopping.wait(poll)
-                    continue
-                with exclusive_transaction(ready.db):
-                    task_result = ready.get_locked()
-                    if task_result is not None:
-                        task_result.claim(self.worker_id)
-            except OperationalError as exc:
-                if not is_locked_database_exception(exc):
-                    log.warning("claiming a task failed: %s", exc)
-                self.stopping.wait(poll)
-                continue
-            except Exception:
-                log.exception("claiming a task failed")
-                self.stopping.wait(1.0)
-                continue
-            if task_result is None:
-                continue
-            with self._busy_lock:
-                self.busy += 1
+
+        def run(task_result: Any) -> None:
             try:
                 runner.run_task(task_result)
             finally:
+                connection.close()
                 with self._busy_lock:
                     self.busy -= 1
+                free.release()
+
+        while not self.stopping.is_set():
+            if not free.acquire(timeout=poll):
+                continue  # every runner is busy: claim nothing, leave it to other workers
+            task_result = None
+            try:
+                close_old_connections()
+                ready = DBTaskResult.objects.ready().filter(backend_name="default")
+                if ready.exists():
+                    with exclusive_transaction(ready.db):
+                        task_result = ready.get_locked()
+                        if task_result is not None:
+                            task_result.claim(self.worker_id)
+            except OperationalError as exc:
+                if not is_locked_database_exception(exc):
+                    log.warning("claiming a task failed: %s", exc)
+            except Exception:
+                log.exception("claiming a task failed")
+            if task_result is None:
+                free.release()
+                self.stopping.wait(poll)
+                continue
+            with self._busy_lock:
+                self.busy += 1
+            pool.submit(run, task_result)
+        pool.shutdown(wait=False)
 
     # --- engine events --------------------------------------------------------------------------
 
