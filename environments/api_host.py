@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.models import Membership, Team, TeamRole
-from environments import envfile, files, services
+from environments import envfile, files, policy, services
 from environments.models import Environment, Role, SetupStatus, Status, TeamVolume
 from environments.permissions import require_role, role_for
 from environments.serializers import EnvironmentSerializer, TemplateSerializer
@@ -267,8 +267,8 @@ class QuotaView(APIView):
         user = request.user
         teams = Team.objects.filter(memberships__user=user).order_by("slug")
         return Response({
-            "user": {"name": user.username, "limits": services.user_limits(user),
-                     "usage": services.quota_usage(Environment.objects.filter(owner=user))},
-            "teams": [{"team": team.slug, "limits": services.team_limits(team),
-                       "usage": services.quota_usage(Environment.objects.filter(team=team))} for team in teams],
+            "user": {"name": user.username, "limits": policy.user_limits(user),
+                     "usage": policy.quota_usage(Environment.objects.filter(owner=user))},
+            "teams": [{"team": team.slug, "limits": policy.team_limits(team),
+                       "usage": policy.quota_usage(Environment.objects.filter(team=team))} for team in teams],
         })

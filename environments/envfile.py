@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
-from rest_framework.exceptions import ValidationError
+from lsl_site.errors import InvalidInput
 
 from accounts.models import Team
-from environments import catalog, services
+from environments import catalog, policy, services
 from environments.catalog import JsonPath, Problem, format_path, parse_memory
 from environments.models import Environment, usable_templates
 
@@ -76,7 +76,7 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
                      filename: str = "environment.yaml") -> Environment:
     """Validate an environment file and create the environment it describes (provisioned in the background).
 
-    Problems raise ValidationError({"yaml": ["FILE:LINE:COL: path: message", ...]}); a
+    Problems raise InvalidInput({"yaml": ["FILE:LINE:COL: path: message", ...]}); a
     quota refusal is raised as is (a 403 naming the limit).
     """
     document, problems = catalog.check_yaml(text, filename, load_schema())
@@ -103,7 +103,7 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
             if ("source" in mount) == ("volume" in mount):
                 problem(("environment", "mounts", index), "give exactly one of 'source' (a host path) or 'volume' (a team volume)")
     if problems or template is None:
-        raise ValidationError({"yaml": [str(p) for p in sorted(set(problems))]})
+        raise InvalidInput({"yaml": [str(p) for p in sorted(set(problems))]})
 
     resources = spec.get("resources", {})
     memory = resources.get("memory")
@@ -116,11 +116,10 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
     )
     try:
         return services.create_environment(owner, request)
-    except services.QuotaExceeded:
+    except policy.QuotaExceeded:
         raise
-    except ValidationError as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
-        for field, messages in detail.items():
+    except InvalidInput as exc:
+        for field, messages in (exc.fields or {}).items():
             path = _FIELD_PATHS.get(field, ("environment",))
             if field == "name" and name:
                 path = ()  # the name came from the request, not the file
@@ -133,4 +132,4 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
                     text_message = match[2]
                     where = (*path, index) if index >= 0 else ("environment", "template")
                 problem(where, text_message)
-        raise ValidationError({"yaml": [str(p) for p in sorted(set(problems))]}) from None
+        raise InvalidInput({"yaml": [str(p) for p in sorted(set(problems))]}) from None

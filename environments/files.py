@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from rest_framework.exceptions import ValidationError
+from lsl_site.errors import InvalidInput
 
 from environments import runtime, services
 from environments.models import Environment
@@ -33,7 +33,7 @@ CHUNK = 256 * 1024
 TAR_TYPES = ("application/x-tar", "application/tar")
 
 
-class PathRefused(ValidationError):
+class PathRefused(InvalidInput):
     """A path (or tar member) that is not allowed: a 400 with {"path": [reason]}."""
 
     def __init__(self, message: str, field: str = "path") -> None:

@@ -7,7 +7,7 @@ from rest_framework import serializers
 
 from accounts.models import Team
 from environments.models import Environment, NetworkMode, Role, Template
-from environments.services import MountError, parse_mount
+from environments.policy import MountError, parse_mount
 
 
 class TemplateSerializer(serializers.ModelSerializer):

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
-from rest_framework.exceptions import ValidationError
+from lsl_site.errors import InvalidInput
 
 from accounts.models import Profile, Team
 from environments import runtime, tasks
@@ -32,212 +32,13 @@ from environments.models import (
     Role,
     SetupStatus,
     Status,
-    TeamQuota,
     TeamVolume,
     Template,
 )
+from environments.policy import check_quota, may_use_host_network, resolve_mounts
 from environments.signals import environment_stopped
 
 log = logging.getLogger(__name__)
-
-FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev", runtime.WORKSPACE_PATH)
-
-
-class MountError(ValueError):
-    pass
-
-
-VOLUME_PREFIX = "volume:"
-
-
-def parse_mount(spec: str) -> dict[str, Any]:
-    """`SRC:DST[:ro|rw]` → {source, target, read_only}, or `volume:NAME:DST[:ro|rw]` → {volume, target, read_only};
-    raises MountError with a precise message."""
-    if spec.startswith(VOLUME_PREFIX):
-        parts = spec[len(VOLUME_PREFIX):].split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-            raise MountError(f"{spec!r}: expected volume:NAME:DST or volume:NAME:DST:ro")
-        mode = parts[2] if len(parts) == 3 else "rw"
-        if mode not in ("ro", "rw"):
-            raise MountError(f"{spec!r}: mode must be 'ro' or 'rw', not {mode!r}")
-        return {"volume": parts[0], "target": parts[1], "read_only": mode == "ro"}
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise MountError(f"{spec!r}: expected SRC:DST or SRC:DST:ro")
-    mode = parts[2] if len(parts) == 3 else "rw"
-    if mode not in ("ro", "rw"):
-        raise MountError(f"{spec!r}: mode must be 'ro' or 'rw', not {mode!r}")
-    return {"source": parts[0], "target": parts[1], "read_only": mode == "ro"}
-
-
-def _validate_target(target: str) -> str:
-    if not os.path.isabs(target) or ".." in Path(target).parts:
-        raise MountError(f"{target!r}: container path must be absolute, without '..'")
-    normalized_target = os.path.normpath(target)
-    for forbidden in FORBIDDEN_TARGETS:
-        if normalized_target == forbidden or normalized_target.startswith(forbidden + "/") or normalized_target == "/":
-            raise MountError(f"{target!r}: cannot mount over {forbidden if normalized_target != '/' else '/'}")
-    return normalized_target
-
-
-def validate_mount(mount: dict[str, Any], *, create_as: Profile | None = None) -> dict[str, Any]:
-    """Check a bind mount against LSL_HOST_MOUNT_ROOTS after resolving symlinks and `..`.
-
-    `create_as`: create a missing source directory (inside the roots), owned by that profile's uid/gid.
-    """
-    source, target = str(mount.get("source", "")), str(mount.get("target", ""))
-    if not os.path.isabs(source):
-        raise MountError(f"{source!r}: host path must be absolute")
-    if ".." in Path(source).parts:
-        raise MountError(f"{source!r}: '..' is not allowed in a host path")
-    normalized_target = _validate_target(target)
-    roots = settings.LSL_HOST_MOUNT_ROOTS
-    if not roots:
-        raise MountError("host mounts are disabled on this server (LSL_HOST_MOUNT_ROOTS is empty)")
-    resolved = Path(os.path.realpath(source))
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        detail = f" (resolves to {resolved})" if str(resolved) != os.path.normpath(source) else ""
-        raise MountError(f"{source!r}{detail} is outside the allowed host roots: {allowed}")
-    if not resolved.exists() and create_as is not None:
-        try:
-            resolved.mkdir(parents=True, exist_ok=True)
-            os.chown(resolved, create_as.uid, create_as.gid)
-        except OSError as exc:
-            raise MountError(f"{source!r}: cannot create it: {exc.strerror or exc}") from None
-    if not resolved.exists():
-        raise MountError(f"{source!r}: no such host directory or file")
-    return {"type": "bind", "source": str(resolved), "target": normalized_target,
-            "read_only": bool(mount.get("read_only", False))}
-
-
-def validate_volume_mount(mount: dict[str, Any], *, owner: AbstractBaseUser, team: Team | None) -> dict[str, Any]:
-    """A team volume may only go into an environment of its team, created by a member of that team."""
-    name = str(mount.get("volume", ""))
-    normalized_target = _validate_target(str(mount.get("target", "")))
-    if team is None:
-        raise MountError(f"volume {name!r}: team volumes can only be mounted into a team environment (set its team)")
-    volume = TeamVolume.objects.filter(team=team, name=name).first()
-    if volume is None:
-        raise MountError(f"volume {name!r}: team {team.slug!r} has no such volume")
-    if not owner.is_superuser and not team.memberships.filter(user=owner).exists():
-        raise MountError(f"volume {name!r}: you are not a member of team {team.slug!r}")
-    return {"type": "volume", "volume": name, "source": volume.volume_name, "target": normalized_target,
-            "read_only": bool(mount.get("read_only", False))}
-
-
-def expand_template_source(source: str, owner: AbstractBaseUser, profile: Profile) -> str:
-    """Template mount sources may name the user: {user} (LSL user name), {shell_user}, {uid}."""
-    values = {"{user}": owner.get_username(), "{shell_user}": profile.shell_name, "{uid}": str(profile.uid)}
-    for placeholder, value in values.items():
-        if placeholder in source:
-            if value in ("", ".", "..") or "/" in value:
-                raise MountError(f"{source!r}: the user name {value!r} cannot be used in a host path")
-            source = source.replace(placeholder, value)
-    return source
-
-
-def resolve_mounts(owner: AbstractBaseUser, template: Template, team: Team | None,
-                   user_mounts: tuple[dict[str, Any] | str, ...] | list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Template default mounts (placeholders expanded) then the user's (dicts or "SRC:DST[:ro]" strings);
-    returns (mounts, problems)."""
-    profile = Profile.for_user(owner)
-    mounts: list[dict[str, Any]] = []
-    problems: list[str] = []
-    entries = [(True, m) for m in (template.mounts or [])] + [(False, m) for m in user_mounts]
-    for index, (from_template, mount) in enumerate(entries):
-        try:
-            if isinstance(mount, str):
-                mount = parse_mount(mount)
-            if "volume" in mount:
-                resolved = validate_volume_mount(mount, owner=owner, team=team)
-            elif from_template:
-                source = expand_template_source(str(mount.get("source", "")), owner, profile)
-                resolved = validate_mount({**mount, "source": source}, create_as=profile if mount.get("create") else None)
-            else:
-                resolved = validate_mount(mount)
-            if any(m["target"] == resolved["target"] for m in mounts):
-                raise MountError(f"{resolved['target']!r}: two mounts have this container path")
-            if from_template:
-                resolved["template"] = True
-            mounts.append(resolved)
-        except MountError as exc:
-            problems.append(f"[{index}] {exc}")
-    return mounts, problems
-
-
-def may_use_host_network(user: AbstractBaseUser) -> bool:
-    if settings.LSL_HOST_NETWORK_ALL_USERS or user.is_staff or user.is_superuser:
-        return True
-    return Profile.for_user(user).allow_host_network
-
-
-# --- quotas -------------------------------------------------------------------------
-
-class QuotaExceeded(ValidationError):
-    """A 4xx naming the limit: {"quota": ["..."]}. Raised before anything is created or started."""
-
-    status_code = 403
-    default_code = "quota_exceeded"
-
-    def __init__(self, scope: str, limit: str, message: str) -> None:
-        super().__init__({"quota": [message]}, code="quota_exceeded")
-        self.scope, self.limit = scope, limit
-
-
-def user_limits(user: AbstractBaseUser) -> dict[str, float]:
-    profile = Profile.for_user(user)
-
-    def pick(override: Any, default: Any) -> Any:
-        return default if override is None else override
-
-    return {"environments": pick(profile.quota_environments, settings.LSL_QUOTA_USER_ENVIRONMENTS),
-            "cpus": pick(profile.quota_cpus, settings.LSL_QUOTA_USER_CPUS),
-            "memory_mb": pick(profile.quota_memory_mb, settings.LSL_QUOTA_USER_MEMORY_MB)}
-
-
-def team_limits(team: Team) -> dict[str, float]:
-    quota = TeamQuota.objects.filter(team=team).first()
-    if quota is None:
-        return {"environments": 0, "cpus": 0, "memory_mb": 0}
-    return {"environments": quota.environments, "cpus": quota.cpus, "memory_mb": quota.memory_mb}
-
-
-ACTIVE_STATUSES = (Status.RUNNING, Status.CREATING)
-
-
-def quota_usage(qs: Any) -> dict[str, float]:
-    from django.db.models import Sum
-
-    active = qs.filter(status__in=ACTIVE_STATUSES).aggregate(cpus=Sum("cpus"), memory_mb=Sum("memory_mb"))
-    return {"environments": qs.count(), "cpus": float(active["cpus"] or 0), "memory_mb": int(active["memory_mb"] or 0)}
-
-
-def check_quota(owner: AbstractBaseUser, team: Team | None, *, cpus: float, memory_mb: int, new: bool,
-                exclude: Environment | None = None) -> None:
-    """Raise QuotaExceeded if creating (`new`) or starting an environment of this size breaks a user or team limit.
-
-    Environments count whatever their status; CPUs and memory count for running (and creating) ones.
-    """
-    scopes: list[tuple[str, str, dict[str, float], Any]] = [
-        ("user", owner.get_username(), user_limits(owner), Environment.objects.filter(owner=owner))]
-    if team is not None:
-        scopes.append(("team", team.slug, team_limits(team), Environment.objects.filter(team=team)))
-    for scope, subject, limits, qs in scopes:
-        if exclude is not None:
-            qs = qs.exclude(pk=exclude.pk)
-        used = quota_usage(qs)
-        if new and limits["environments"] and used["environments"] + 1 > limits["environments"]:
-            raise QuotaExceeded(scope, "environments", f"{scope} quota exceeded: environments: {scope} {subject!r} may have "
-                                f"at most {limits['environments']:g} environments and has {used['environments']:g}")
-        if limits["cpus"] and used["cpus"] + cpus > limits["cpus"] + 1e-9:
-            raise QuotaExceeded(scope, "cpus", f"{scope} quota exceeded: cpus: {scope} {subject!r} may run at most "
-                                f"{limits['cpus']:g} CPUs at once; {used['cpus']:g} in use, this needs {cpus:g}")
-        if limits["memory_mb"] and used["memory_mb"] + memory_mb > limits["memory_mb"]:
-            raise QuotaExceeded(scope, "memory_mb", f"{scope} quota exceeded: memory_mb: {scope} {subject!r} may run at most "
-                                f"{limits['memory_mb']:g} MiB at once; {used['memory_mb']:g} MiB in use, this needs {memory_mb} MiB")
-
-
 
 def container_spec(env: Environment) -> runtime.ContainerSpec:
     return runtime.ContainerSpec(
@@ -323,12 +124,14 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
     mounts, mount_problems = resolve_mounts(owner, template, req.team, req.mounts)
     if mount_problems:
         errors.setdefault("mounts", []).extend(mount_problems)
+    elif not errors:
+        errors.update(_create_mount_sources(mounts, Profile.for_user(owner)))
     if req.team is not None and not req.team.memberships.filter(user=owner).exists() and not owner.is_superuser:
         errors["team"] = [f"you are not a member of team {req.team.slug!r}"]
     if Environment.objects.filter(owner=owner, name=req.name).exists():
         errors["name"] = [f"you already have an environment named {req.name!r}"]
     if errors:
-        raise ValidationError(errors)
+        raise InvalidInput(errors)
 
     env_id = uuid.uuid4()
     has_setup = bool(template.setup or template.user_setup)
@@ -349,8 +152,22 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
             publish_environment(env, "environment.created")
             transaction.on_commit(lambda: tasks.enqueue_provisioning(env_id))
     except IntegrityError:
-        raise ValidationError({"name": [f"you already have an environment named {req.name!r}"]}) from None
+        raise InvalidInput({"name": [f"you already have an environment named {req.name!r}"]}) from None
     return env
+
+
+def _create_mount_sources(mounts: list[dict[str, Any]], profile: Profile) -> dict[str, list[str]]:
+    """Create the missing host directories of template mounts marked `create` (policy allowed them),
+    owned by the environment user."""
+    for mount in mounts:
+        if not mount.pop("create", False):
+            continue
+        try:
+            Path(mount["source"]).mkdir(parents=True, exist_ok=True)
+            os.chown(mount["source"], profile.uid, profile.gid)
+        except OSError as exc:
+            return {"mounts": [f"{mount['source']!r}: cannot create it: {exc.strerror or exc}"]}
+    return {}
 
 
 def _lock_quota_subjects(owner: AbstractBaseUser, team: Team | None) -> None:
@@ -466,8 +283,6 @@ def start_environment(env: Environment) -> Environment:
         if not env.identity:
             from environments.provisioning import ensure_identity
 
-            from environments.provisioning import ensure_identity
-
             ensure_identity(env)
         with transaction.atomic():
             now = timezone.now()
@@ -523,12 +338,12 @@ def update_environment(env: Environment, *, name: str | None = None, team: Team 
     fields: list[str] = []
     if name is not None and name != env.name:
         if Environment.objects.filter(owner=env.owner, name=name).exclude(pk=env.pk).exists():
-            raise ValidationError({"name": [f"the owner already has an environment named {name!r}"]})
+            raise InvalidInput({"name": [f"the owner already has an environment named {name!r}"]})
         env.name = name
         fields.append("name")
     if team is not ... and team != env.team:
         if any(m.get("type") == "volume" for m in env.mounts):
-            raise ValidationError({"team": ["this environment mounts team volumes: it cannot change team"]})
+            raise InvalidInput({"team": ["this environment mounts team volumes: it cannot change team"]})
         env.team = team
         fields.append("team")
     if fields:
@@ -578,9 +393,9 @@ def list_access(env: Environment) -> list[Grant]:
 def grant_access(env: Environment, *, role: Role, user: AbstractBaseUser | None = None, team: Team | None = None) -> Grant:
     """Give a user or a team exactly `role` (replacing any previous role)."""
     if (user is None) == (team is None):
-        raise ValidationError({"non_field_errors": ["give exactly one of 'user' or 'team'"]})
+        raise InvalidInput({"non_field_errors": ["give exactly one of 'user' or 'team'"]})
     if user is not None and user.pk == env.owner_id:
-        raise ValidationError({"user": ["the owner is always admin of their environment"]})
+        raise InvalidInput({"user": ["the owner is always admin of their environment"]})
     subject = user if user is not None else team.group  # type: ignore[union-attr]
     with transaction.atomic():
         for codename in ROLE_CODENAMES:
@@ -684,7 +499,7 @@ def stop_idle_environments(*, idle_after: float | None = None) -> list[Environme
 
 def create_team_volume(team: Team, name: str, *, by: AbstractBaseUser | None = None) -> TeamVolume:
     if TeamVolume.objects.filter(team=team, name=name).exists():
-        raise ValidationError({"name": [f"team {team.slug!r} already has a volume named {name!r}"]})
+        raise InvalidInput({"name": [f"team {team.slug!r} already has a volume named {name!r}"]})
     volume_name = f"lsl-team-{team.slug[:40]}-{name[:40]}-{uuid.uuid4().hex[:8]}"
     with transaction.atomic():
         volume = TeamVolume.objects.create(team=team, name=name, volume_name=volume_name, created_by=by)
@@ -702,7 +517,7 @@ def delete_team_volume(volume: TeamVolume) -> None:
     users = volume_users(volume)
     if users:
         names = ", ".join(f"{env.owner.get_username()}/{env.name}" for env in users[:5])
-        raise ValidationError({"volume": [f"volume {volume.name!r} is mounted by {names}: delete those environments first"]})
+        raise InvalidInput({"volume": [f"volume {volume.name!r} is mounted by {names}: delete those environments first"]})
     runtime.remove_volume(volume.volume_name)
     volume.delete()
 
@@ -737,7 +552,7 @@ def snapshot_environment(env: Environment, by: AbstractBaseUser, *, slug: str, d
     if not env.container_id or runtime.container_state(env.container_id) is None:
         errors["environment"] = ["the environment has no container to snapshot"]
     if errors:
-        raise ValidationError(errors)
+        raise InvalidInput(errors)
     source = env.template
     tag = timezone.now().strftime("%Y%m%d%H%M%S")
     repository = f"{SNAPSHOT_REPOSITORY}/{slug}"

@@ -23,14 +23,13 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
-from rest_framework.exceptions import APIException
-from rest_framework.exceptions import ValidationError as ServiceValidationError
 
 from accounts import services as account_services
 from accounts.models import APIToken, Membership, Team, TeamRole
 from environments import metrics, runtime, services
 from environments.models import Environment, Role, Status
-from lsl_site.errors import DomainError
+from lsl_site import events
+from lsl_site.errors import DomainError, InvalidInput
 from environments.permissions import make_checker, role_for
 from frontend.forms import (EnvironmentCreateForm, MemberForm, ShareForm, TeamCreateForm, ThrottledAuthenticationForm,
                             TokenCreateForm)
@@ -45,16 +44,11 @@ class LoginView(auth_views.LoginView):
 
 # --- helpers -----------------------------------------------------------------------
 
-def _service_errors(exc: ServiceValidationError) -> list[str]:
-    """Flatten a services ValidationError ({"field": ["msg"]} or ["msg"]) into readable lines."""
-    detail = exc.detail
-    if isinstance(detail, dict):
-        lines = []
-        for field, msgs in detail.items():
-            for msg in msgs if isinstance(msgs, list) else [msgs]:
-                lines.append(str(msg) if field == "non_field_errors" else f"{field}: {msg}")
-        return lines
-    return [str(msg) for msg in (detail if isinstance(detail, list) else [detail])]
+def _service_errors(exc: DomainError) -> list[str]:
+    """A domain refusal as readable lines: the one place the web pages turn domain errors into words."""
+    if isinstance(exc, InvalidInput):
+        return exc.messages()
+    return [exc.detail]
 
 
 def _visible_environment(request: HttpRequest, env_id: uuid.UUID) -> tuple[Environment, Role]:
@@ -70,6 +64,12 @@ def _visible_environment(request: HttpRequest, env_id: uuid.UUID) -> tuple[Envir
 def _require(role: Role, needed: Role) -> None:
     if role < needed:
         raise PermissionDenied(f"This needs the {needed.label} role on the environment; you are {role.label}.")
+
+
+def _event_cursor() -> int:
+    """The newest event id, read *before* a live page's rows: its script resumes /ws/events/ from it,
+    so whatever changes while the page renders is replayed to it rather than missed."""
+    return events.latest_id()
 
 
 def _live_sessions_by_environment(envs: list[Environment]) -> dict[uuid.UUID, list[TerminalSession]]:
@@ -88,6 +88,7 @@ def _live_sessions_by_environment(envs: list[Environment]) -> dict[uuid.UUID, li
 
 def _dashboard_context(request: HttpRequest, form: EnvironmentCreateForm | None = None) -> dict[str, Any]:
     user = request.user
+    cursor = _event_cursor()
     visible = Environment.objects.visible_to(user).select_related("owner", "team", "template")
     # Filter choices come from what the user can already see, so they reveal nothing new.
     team_slugs = sorted({slug for slug in visible.values_list("team__slug", flat=True) if slug})
@@ -111,6 +112,7 @@ def _dashboard_context(request: HttpRequest, form: EnvironmentCreateForm | None 
         "team_choices": team_slugs,
         "template_choices": template_slugs,
         "form": form or EnvironmentCreateForm(user=user),
+        "events_since": cursor,
     }
 
 
@@ -131,9 +133,8 @@ def environment_create(request: HttpRequest) -> HttpResponse:
                 name=data["name"], template=data["template"], team=data["team"],
                 network_mode=data["network_mode"] or None,
             ))
-        except ServiceValidationError as exc:
-            detail = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
-            for field, msgs in detail.items():
+        except DomainError as exc:
+            for field, msgs in (exc.fields or {"non_field_errors": [exc.detail]}).items():
                 target = field if field in form.fields else None
                 for msg in msgs if isinstance(msgs, list) else [msgs]:
                     form.add_error(target, str(msg))
@@ -147,8 +148,10 @@ def environment_create(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def environment_detail(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    cursor = _event_cursor()
     env, role = _visible_environment(request, env_id)
     context = {
+        "events_since": cursor,
         "env": env,
         "role": role,
         "can_use": role >= Role.MEMBER,
@@ -178,9 +181,8 @@ def environment_action(request: HttpRequest, env_id: uuid.UUID, action: str) -> 
         service(env)
     except runtime.EngineError as exc:
         messages.error(request, f"Could not {action} {env.name}: {exc}")
-    except APIException as exc:  # refusals from the services (a quota, a state rule): a message, not a 500
-        lines = _service_errors(exc) if isinstance(exc, ServiceValidationError) else [str(exc.detail)]
-        for line in lines:
+    except DomainError as exc:  # refusals from the domain (a quota, a state rule): a message, not a 500
+        for line in _service_errors(exc):
             messages.error(request, f"Could not {action} {env.name}: {line}")
     else:
         messages.success(request, f"{env.name} {done}.")
@@ -221,7 +223,7 @@ def environment_share(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
     kwargs = {"user": subject} if data["kind"] == "user" else {"team": subject}
     try:
         grant = services.grant_access(env, role=Role.from_name(data["role"]), **kwargs)
-    except ServiceValidationError as exc:
+    except DomainError as exc:
         for line in _service_errors(exc):
             messages.error(request, line)
     else:
@@ -242,8 +244,9 @@ def environment_revoke(request: HttpRequest, env_id: uuid.UUID, grant_id: str) -
 
 
 # --- monitoring --------------------------------------------------------------------------
-# Both pages render what is cheap server-side (host figures, rows, live sessions) and leave the
-# container figures and charts to frontend/src/monitor.js, which polls /api/v1/monitor/ every 2 s.
+# Both pages render what is cheap server-side (host figures, rows, live sessions) and leave the rest to
+# frontend/src/monitor.js: statuses and sessions follow the event stream, the container figures and
+# charts come from /api/v1/monitor/ every 2 s (the worker's samples; no event carries them).
 
 def _is_staff(user: Any) -> bool:
     return bool(user.is_staff or user.is_superuser)
@@ -253,6 +256,7 @@ def _is_staff(user: Any) -> bool:
 def monitor(request: HttpRequest) -> HttpResponse:
     if not _is_staff(request.user):
         raise PermissionDenied("The monitoring page is for staff; each environment has its own monitor page.")
+    cursor = _event_cursor()
     envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
     live = _live_sessions_by_environment(envs)
     host = metrics.host_snapshot()
@@ -261,15 +265,17 @@ def monitor(request: HttpRequest) -> HttpResponse:
         "memory_percent": _percent(host["memory_used_bytes"], host["memory_total_bytes"]),
         "disk_percent": _percent(host["disk_used_bytes"], host["disk_total_bytes"]),
         "rows": [{"env": env, "sessions": live.get(env.pk, [])} for env in envs],
+        "events_since": cursor,
     }
     return render(request, "frontend/monitor.html", context)
 
 
 @login_required
 def environment_monitor(request: HttpRequest, env_id: uuid.UUID) -> HttpResponse:
+    cursor = _event_cursor()
     env, role = _visible_environment(request, env_id)
     context = {"env": env, "role": role, "sessions": _live_sessions_by_environment([env]).get(env.pk, []),
-               "uptime": metrics.uptime_seconds(env)}
+               "uptime": metrics.uptime_seconds(env), "events_since": cursor}
     return render(request, "frontend/environment_monitor.html", context)
 
 

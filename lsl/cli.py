@@ -23,7 +23,16 @@ import click
 
 from lsl import __version__, config as configfile
 from lsl.client import Client
-from lsl.errors import EXIT_CODES_HELP, USAGE, AuthError, LslError, NotFound, ServerError, UsageFailure
+from lsl.errors import (
+    EXIT_CODES_HELP,
+    USAGE,
+    AuthError,
+    EnvironmentFailed,
+    LslError,
+    NotFound,
+    ServerError,
+    UsageFailure,
+)
 from lsl.output import ago, details, err, human_bytes, print_json, table
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -271,9 +280,12 @@ def create(name: str | None, template: str | None, from_file: str | None, name_o
            as_json: bool) -> int:
     """Create an environment and wait until it runs.
 
-    The server pulls the image if needed; a progress bar follows it. With
-    --from, everything comes from an environment file (as 'lsl export'
-    writes it); problems in it are listed as FILE:LINE:COL: path: message.
+    The server pulls the image if needed and runs the template's setup; a
+    progress bar follows it (live, from the server's event stream). If it
+    cannot be created (the image cannot be pulled, a setup step fails...),
+    the server's reason is printed and lsl exits 1. With --from, everything
+    comes from an environment file (as 'lsl export' writes it); problems in
+    it are listed as FILE:LINE:COL: path: message.
 
     \b
     Examples:
@@ -291,31 +303,54 @@ def create(name: str | None, template: str | None, from_file: str | None, name_o
             raise UsageFailure(f"{', '.join(given)} cannot be combined with --from (edit the file instead)")
         if name and name_option and name != name_option:
             raise UsageFailure("give the name once (NAME or --name)")
-        env = _create_from_file(client, from_file, name or name_option)
-        name = env.get("name") or name or name_option or "?"
+        body: dict[str, Any] | None = None
     else:
         if name_option:
             name = name or name_option
         if not name or not template:
             raise UsageFailure("give NAME and --template (or --from FILE)")
-        body: dict[str, Any] = {"name": name, "template": template}
+        body = {"name": name, "template": template}
         optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory}
         body.update({key: value for key, value in optional.items() if value is not None})
         if mounts:
             body["mounts"] = mounts
-        env = client.post("environments/", body)
-    if wait:
-        from lsl.progress import wait_for_environment
 
-        env = wait_for_environment(client, env, timeout)
+    from lsl.progress import open_event_stream, polling_allowed, wait_for_environment
+
+    poll = polling_allowed()
+    # Subscribe *before* the POST: every status change of the new environment is then an event
+    # we will read, however fast the worker is (no race between "created" and "subscribed").
+    stream = open_event_stream(client, poll=poll) if wait else None
+    try:
+        if body is None:
+            assert from_file is not None
+            env = _create_from_file(client, from_file, name or name_option)
+            name = env.get("name") or name or name_option or "?"
+        else:
+            env = client.post("environments/", body)
+        if wait:
+            env = wait_for_environment(client, env, timeout, stream=stream, poll=poll)
+    finally:
+        if stream is not None:
+            stream.close()
     if as_json:
         print_json(env)
-    if env.get("status") == "error":
-        raise LslError(f"{name}: creation failed: {env.get('last_error') or 'unknown error'}")
+    _check_created(env, name or "?", waited=wait)
     if not as_json:
         hint = f"; attach with: lsl shell {name}" if env.get("status") == "running" else ""
-        err.print(f"{name}: {env.get('status')} ({env.get('id')}){hint}")
+        err.print(f"{name}: {env.get('status')} ({env.get('id')}){hint}", markup=False)
     return 0
+
+
+def _check_created(env: dict[str, Any], name: str, *, waited: bool) -> None:
+    """Exit non-zero (EnvironmentFailed, exit 1) unless the environment runs (or, without --wait, is on its way)."""
+    status = env.get("status")
+    if status == "error":
+        raise EnvironmentFailed(f"{name}: could not be created: {env.get('last_error') or 'unknown error'}")
+    if waited and status in ("stopped", "missing"):
+        # Provisioning finished, then the container died (or was removed) straight away.
+        reason = env.get("stop_reason") or env.get("last_error") or "no reason given"
+        raise EnvironmentFailed(f"{name}: {status} right after it was created ({reason}); see 'lsl info {name}'")
 
 
 def _create_from_file(client: Client, path: str, name: str | None) -> dict[str, Any]:
@@ -358,16 +393,38 @@ ENV_COLUMNS = [
 @click.option("--team", help="Only this team's environments.")
 @click.option("--owner", help="Only this user's environments.")
 @click.option("--template", help="Only environments from this template.")
+@click.option("-w", "--watch", is_flag=True,
+              help="Keep the list current as things change, until Ctrl-C; with --json, one JSON object per line.")
 @json_option
-def list_environments(status: str | None, team: str | None, owner: str | None, template: str | None,
+def list_environments(status: str | None, team: str | None, owner: str | None, template: str | None, watch: bool,
                       as_json: bool) -> None:
     """List the environments you can see (alias: ls).
+
+    With --watch the list follows the server's event stream: on a terminal
+    the table is redrawn in place (STATUS shows why a stopped or missing one
+    stopped: killed, oom, exited N, removed...); piped, each change is one
+    line; with --json, each line is one JSON object (NDJSON): a snapshot
+    first, then every environment event.
 
     \b
     Examples:
       lsl list
       lsl ls --status running --json | jq -r '.[].name'
+      lsl list --watch
+      lsl list --watch --json | jq -c 'select(.environment.status == "stopped")'
     """
+    if watch:
+        from lsl.progress import polling_allowed
+        from lsl.watch import Filters, Watcher, status_text
+
+        columns = [(title, status_text if title == "STATUS" else getter) for title, getter in ENV_COLUMNS]
+        watcher = Watcher(state().client, Filters(status, team, owner, template), columns, as_json=as_json,
+                          poll=polling_allowed())
+        try:
+            watcher.run()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends: not an error
+        return None
     envs = state().client.get_all("environments/", status=status, team=team, owner=owner, template=template)
     if as_json:
         return print_json(envs)
@@ -442,7 +499,8 @@ def info(environment: str, as_json: bool) -> None:
         ("cpus", env.get("cpus")), ("memory", f"{env['memory_mb']}m" if env.get("memory_mb") else None),
         ("pids", env.get("pids")), ("network", env.get("network_mode")), ("mounts", mounts),
         ("workspace", env.get("workspace_volume")), ("container", (env.get("container_id") or "")[:12]),
-        ("progress", progress.get("phase")), ("last error", env.get("last_error")),
+        ("progress", progress.get("phase")), ("stop reason", env.get("stop_reason")),
+        ("last error", env.get("last_error")),
         ("created", env.get("created_at")), ("started", env.get("started_at")), ("stopped", env.get("stopped_at")),
     ])
     return None

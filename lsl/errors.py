@@ -7,7 +7,7 @@ GENERIC, USAGE, AUTH, NOT_FOUND, CONFLICT, UNREACHABLE, SERVER_ERROR = 1, 2, 3, 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
-  1  other error (e.g. an environment failed to start)
+  1  other error, e.g. an environment could not be created (the engine's reason is printed)
   2  usage error, or input the server rejected
   3  not logged in, bad or revoked token, permission denied
   4  not found (environment, session, user...)
@@ -32,6 +32,16 @@ class LslError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class EnvironmentFailed(LslError):
+    """An environment ended up `error` (or stopped at once) instead of running: the engine's reason.
+
+    Exit 1, as docs/cli.md has always documented "the environment failed to start": it is not a
+    conflict with the request (5) nor a broken server (7), and scripts already test for it.
+    """
+
+    exit_code = GENERIC
 
 
 class UsageFailure(LslError):

@@ -28,6 +28,12 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(data: Any) -> None:
+    """One compact JSON object per line (NDJSON), flushed at once: a script reads it as it happens."""
+    sys.stdout.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
@@ -37,12 +43,17 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[Column], empty: str 
     if not rows:
         err.print(f"[dim]{empty}[/dim]")
         return
+    print_stripped(build_table(rows, columns))
+
+
+def build_table(rows: Iterable[dict[str, Any]], columns: Sequence[Column]) -> Table:
+    """The grid `table` prints, as a renderable (`lsl list --watch` redraws it in place)."""
     grid = Table(box=None, pad_edge=False, header_style="bold")
     for title, _ in columns:
         grid.add_column(title, overflow="fold")
     for row in rows:
         grid.add_row(*(cell(getter(row)) for _, getter in columns))
-    print_stripped(grid)
+    return grid
 
 
 def print_stripped(renderable: Any) -> None:

@@ -21,6 +21,20 @@ class DomainError(Exception):
         self.detail, self.fields = detail, fields
 
 
+class InvalidInput(DomainError):
+    """Fields that break a rule: {"field": ["why", ...]} (`non_field_errors` for the request as a whole)."""
+
+    def __init__(self, fields: dict[str, list[str]]) -> None:
+        only_general = set(fields) == {"non_field_errors"}
+        detail = "; ".join(fields["non_field_errors"]) if only_general else "The request has invalid fields."
+        super().__init__(detail, fields=fields)
+
+    def messages(self) -> list[str]:
+        """One readable line per problem ("field: why"), for pages and logs."""
+        return [msg if field == "non_field_errors" else f"{field}: {msg}"
+                for field, msgs in (self.fields or {}).items() for msg in msgs]
+
+
 class EngineUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "engine_unavailable"

@@ -155,9 +155,9 @@ def start_daphne(extra_env: dict[str, str] | None = None, name: str = "daphne") 
     deadline = time.monotonic() + 30
     while True:
         try:
-            if requests.get(f"{url}/api/v1/config/", timeout=1).status_code in (401, 403):
+            if requests.get(f"{url}/api/v1/config/", timeout=2).status_code in (401, 403):
                 return LiveServer(url, proc, log)
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy to answer in time
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

@@ -247,13 +247,18 @@ def test_hung_setup_is_stopped_at_the_deadline(people: Any) -> None:
     client = api_client(people.owner)
     created = client.post("/api/v1/environments/", {"name": "hung", "template": "busybox"}, format="json")
     deadline = time.monotonic() + 30
-    while "waiting-for-nothing" not in Environment.objects.get(pk=created.json()["id"]).setup_log:
+    while "waiting-for-nothing\n" not in Environment.objects.get(pk=created.json()["id"]).setup_log:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     Environment.objects.filter(pk=created.json()["id"]).update(setup_deadline_at=timezone.now())  # time is up
     env = wait_for_status(created.json()["id"], {"error", "running"}, timeout=15)
     assert env.status == "error" and env.setup_status == "failed"
     assert env.last_error == setup_timeout_reason()
+    deadline = time.monotonic() + 15
+    while "the container was stopped]" not in env.setup_log:  # the provisioning worker's last words
+        assert time.monotonic() < deadline, env.setup_log
+        time.sleep(0.05)
+        env.refresh_from_db()
     assert "waiting-for-nothing\n" in env.setup_log
     assert "[setup timed out after" in env.setup_log and "the container was stopped]" in env.setup_log
     assert "# echo never-runs" not in env.setup_log
