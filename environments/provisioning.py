@@ -262,26 +262,49 @@ def ensure_identity(env: Environment) -> dict[str, Any]:
 # --- setup hooks -----------------------------------------------------------------------------
 
 class _SetupLog:
-    """Appends command output to `setup_log`, written to the row at most every `interval` seconds."""
+    """Appends command output to `setup_log`, written to the row at most every `interval` seconds.
+
+    Output that arrives just after a write is not lost in a quiet spell (a hook that prints a line,
+    then waits): a timer writes it once `interval` has passed.
+    """
 
     def __init__(self, env: Environment, interval: float = 0.25) -> None:
         self.env, self.interval = env, interval
         self.text, self.dropped, self.last_write = "", 0, 0.0
         self.limit = settings.LSL_SETUP_LOG_MAX_BYTES  # counted in characters
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
 
     def write(self, data: bytes | str, *, flush: bool = False) -> None:
-        self.text += self.decoder.decode(data) if isinstance(data, bytes) else self.decoder.decode(b"", final=True) + data
-        if len(self.text) > self.limit:  # keep the end: that is where failures are
-            cut = len(self.text) - self.limit
-            self.dropped += cut
-            self.text = self.text[cut:]
+        with self.lock:
+            self.text += self.decoder.decode(data) if isinstance(data, bytes) else self.decoder.decode(b"", final=True) + data
+            if len(self.text) > self.limit:  # keep the end: that is where failures are
+                cut = len(self.text) - self.limit
+                self.dropped += cut
+                self.text = self.text[cut:]
         if flush or time.monotonic() - self.last_write >= self.interval:
             self.flush()
+        elif self.timer is None:
+            self.timer = threading.Timer(self.interval, self._flush_later)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _flush_later(self) -> None:
+        from django.db import connection
+
+        try:
+            self.flush()
+        finally:
+            connection.close()
 
     def flush(self) -> None:
-        self.last_write = time.monotonic()
-        text = (f"[... {self.dropped} earlier characters dropped ...]\n" if self.dropped else "") + self.text
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.last_write = time.monotonic()
+            text = (f"[... {self.dropped} earlier characters dropped ...]\n" if self.dropped else "") + self.text
         Environment.objects.filter(pk=self.env.pk).update(setup_log=text, updated_at=timezone.now())
         services.publish_environment(self.env, fields={"setup_log_chars": len(text)})
 
