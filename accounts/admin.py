@@ -1,10 +1,27 @@
 from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.forms.models import BaseInlineFormSet
 
-from accounts.models import APIToken, Client, Membership, Team
+from accounts.models import APIToken, Client, Membership, Team, TeamRole
+
+
+class MembershipFormSet(BaseInlineFormSet):
+    def clean(self) -> None:
+        """The domain rule "a team keeps at least one owner" (accounts.services.LastOwner), checked on
+        the whole formset so the admin shows it as a form error instead of failing half-way."""
+        super().clean()
+        if not self.instance.pk:
+            return
+        kept = [form.cleaned_data for form in self.forms
+                if form.cleaned_data and not form.cleaned_data.get("DELETE")]
+        had_owner = Membership.objects.filter(team=self.instance, role=TeamRole.OWNER).exists()
+        if had_owner and not any(data.get("role") == TeamRole.OWNER for data in kept):
+            raise ValidationError("A team keeps at least one owner: make someone else owner first.")
 
 
 class MembershipInline(admin.TabularInline):
     model = Membership
+    formset = MembershipFormSet
     extra = 1
     autocomplete_fields = ["user"]
 
@@ -29,10 +46,12 @@ class TeamAdmin(admin.ModelAdmin):
         from accounts import services
 
         instances = formset.save(commit=False)
+        # New owners first, removals last: the formset's clean() checked that an owner remains, and
+        # this order never passes through a moment without one (which the services refuse).
+        for membership in sorted(instances, key=lambda m: m.role != TeamRole.OWNER):
+            services.add_member(membership.team, membership.user, membership.role)
         for deleted in formset.deleted_objects:
             services.remove_member(deleted.team, deleted.user)
-        for membership in instances:
-            services.add_member(membership.team, membership.user, membership.role)
         formset.save_m2m()
 
 
