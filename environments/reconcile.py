@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
@@ -65,44 +66,60 @@ def _mark(env: Environment, status: str, reason: str, **fields: Any) -> None:
     log.info("%s: %s → %s (%s)", env, previous, status, reason or "started")
 
 
+@dataclass(frozen=True)
+class Change:
+    """What an engine event means for its environment's row."""
+
+    action: str  # "die", "destroy" or "start"
+    reason: str = ""
+
+
 class EngineEventTracker:
-    """Turns the engine's container events into row changes; remembers `oom`/`kill` for the `die` after them."""
+    """Turns the engine's container events into row changes; remembers `oom`/`kill` for the `die` after them.
+
+    `interpret` is pure (tests/test_engine_events_logic.py); `apply` also reads and writes the row.
+    """
 
     def __init__(self) -> None:
         self.oom: dict[str, float] = {}
         self.signals: dict[str, tuple[int, float]] = {}
 
-    def apply(self, event: runtime.EngineEvent) -> None:
-        now = time.monotonic()
+    def interpret(self, event: runtime.EngineEvent, now: float) -> Change | None:
         if event.action == "oom":
             self.oom[event.container_id] = now
-            return
+            return None
         if event.action == "kill":
             if event.signal is not None:
                 self.signals[event.container_id] = (event.signal, now)
-            return
-        if event.action not in ("die", "destroy", "start") or not event.environment_id:
+            return None
+        if event.action == "die":
+            oom = now - self.oom.pop(event.container_id, -1e9) < MEMORY_SECONDS
+            signal, at = self.signals.pop(event.container_id, (None, -1e9))
+            return Change("die", stop_reason(event.exit_code, oom=oom, signal=signal if now - at < MEMORY_SECONDS else None))
+        if event.action == "destroy":
+            self.oom.pop(event.container_id, None)
+            self.signals.pop(event.container_id, None)
+            return Change("destroy", "removed")
+        if event.action == "start":
+            return Change("start")
+        return None
+
+    def apply(self, event: runtime.EngineEvent) -> None:
+        change = self.interpret(event, time.monotonic())
+        if change is None or not event.environment_id:
             return
         env = (Environment.objects.select_related("owner", "template", "team")
                .filter(pk=event.environment_id).first())
         if env is None or _busy(env) or (env.container_id and env.container_id != event.container_id):
             return
-        if event.action == "start":
+        if change.action == "start":
             if env.status in (Status.STOPPED, Status.ERROR, Status.MISSING):
                 _mark(env, Status.RUNNING, "", container_id=event.container_id)
-            return
-        if event.action == "die":
-            oom = now - self.oom.pop(event.container_id, -1e9) < MEMORY_SECONDS
-            signal, at = self.signals.pop(event.container_id, (None, -1e9))
-            reason = stop_reason(event.exit_code, oom=oom, signal=signal if now - at < MEMORY_SECONDS else None)
+        elif change.action == "die":
             if env.status == Status.RUNNING:
-                _mark(env, Status.STOPPED, reason)
-            return
-        # destroy
-        self.oom.pop(event.container_id, None)
-        self.signals.pop(event.container_id, None)
-        if env.status in (Status.RUNNING, Status.STOPPED):
-            _mark(env, Status.MISSING, "removed")
+                _mark(env, Status.STOPPED, change.reason)
+        elif env.status in (Status.RUNNING, Status.STOPPED):
+            _mark(env, Status.MISSING, change.reason)
 
 
 def _status_for(state: runtime.ContainerState | None) -> str:
