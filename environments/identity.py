@@ -89,6 +89,18 @@ def ensure_user_command(profile: Profile, *, shell: str, sudo: bool, owned_dirs:
             str(profile.gid), shell, "1" if sudo else "0", *owned_dirs]
 
 
+def boot_command(profile: Profile, *, shell: str, sudo: bool, owned_dirs: list[str], keepalive: list[str]) -> list[str]:
+    """The container's own command: make the user (ENSURE_USER_SCRIPT, as root, printing its
+    LSL-IDENTITY line to the container's log), then become the keep-alive process.
+
+    Doing it at start instead of in a `docker exec` afterwards saves an exec (~50 ms) on the way
+    to the first prompt, and re-checks the user at every start (the script is idempotent).
+    """
+    keep = " ".join(f"'{part}'" for part in keepalive)
+    return ["/bin/sh", "-c", f'sh -c "$0" lsl-ensure-user "$@"; exec {keep}', ENSURE_USER_SCRIPT,
+            profile.shell_name, str(profile.uid), str(profile.gid), shell, "1" if sudo else "0", *owned_dirs]
+
+
 def parse_identity(output: bytes) -> dict[str, Any] | None:
     for line in output.decode(errors="replace").splitlines():
         parts = line.split()

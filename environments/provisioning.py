@@ -240,8 +240,19 @@ def resume_stalled(enqueue: Callable[[str], None], *, grace: float = 5.0) -> lis
 
 # --- the environment user ------------------------------------------------------------------
 
-def ensure_identity(env: Environment) -> dict[str, Any]:
-    """Create the owner's user in the (running) container if needed, and record it on the row."""
+def ensure_identity(env: Environment, *, boot_wait: float = 5.0) -> dict[str, Any]:
+    """Record the owner's user in the (running) container, creating it if needed.
+
+    The container's own command creates it at start (identity.boot_command) and says so in its
+    log: read that first. A container made before LSL did that, or one whose boot script failed,
+    gets the script through an exec, which also reports what went wrong.
+    """
+    found = _identity_from_boot_log(services.require_container(env), boot_wait)
+    if found is not None:
+        _share_team_volumes(env)
+        env.identity = found
+        Environment.objects.filter(pk=env.pk).update(identity=found)
+        return found
     profile = Profile.for_user(env.owner)
     command = identity.ensure_user_command(profile, shell=env.template.shell or "/bin/sh", sudo=env.template.allow_sudo,
                                            owned_dirs=[runtime.WORKSPACE_PATH])
@@ -251,12 +262,34 @@ def ensure_identity(env: Environment) -> dict[str, Any]:
         detail = result.output.decode(errors="replace").strip()[-500:]
         raise runtime.EngineError(f"could not create the environment user {profile.shell_name!r} "
                                   f"(exit {result.exit_code}): {detail}")
-    shared = [m["target"] for m in env.mounts if m.get("type") == "volume" and not m.get("read_only")]
-    if shared:
-        runtime.exec_run(env.container_id, ["/bin/sh", "-c", identity.SHARE_DIR_SCRIPT, "lsl-share", *shared], user="0:0")
+    _share_team_volumes(env)
     env.identity = found
     Environment.objects.filter(pk=env.pk).update(identity=found)
     return found
+
+
+def _identity_from_boot_log(container_id: str, wait: float) -> dict[str, Any] | None:
+    """The LSL-IDENTITY line the boot script printed, waiting up to `wait` seconds for it (it takes
+    a few milliseconds after start); None if the log never shows one (then the caller execs)."""
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        # The last line wins: the log keeps earlier starts' lines, and the profile may have changed since.
+        lines = runtime.container_log(container_id).splitlines()
+        found = next((identity.parse_identity(line) for line in reversed(lines) if line.startswith(b"LSL-IDENTITY ")), None)
+        if found is not None:
+            return found
+        state = runtime.container_state(container_id) if delay >= 0.08 else None
+        if time.monotonic() > deadline or (state is not None and not state.running):
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _share_team_volumes(env: Environment) -> None:
+    shared = [m["target"] for m in env.mounts if m.get("type") == "volume" and not m.get("read_only")]
+    if shared:
+        runtime.exec_run(env.container_id, ["/bin/sh", "-c", identity.SHARE_DIR_SCRIPT, "lsl-share", *shared], user="0:0")
 
 
 # --- setup hooks -----------------------------------------------------------------------------

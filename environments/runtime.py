@@ -74,6 +74,7 @@ class ContainerSpec:
     binds: list[Mount] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     no_new_privileges: bool = True
+    command: list[str] = field(default_factory=lambda: list(KEEPALIVE_COMMAND))  # must end up keeping the container alive
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def create_container(spec: ContainerSpec) -> str:
     with _guard(f"creating container {spec.name}"):
         container = _client().containers.create(
             image=spec.image,
-            command=KEEPALIVE_COMMAND,
+            command=spec.command,
             user="0:0",  # PID 1 and LSL's own execs are root; shells run as the environment user (exec user=)
             name=spec.name,
             hostname=spec.hostname if spec.network_mode != "host" else None,
@@ -416,6 +417,12 @@ def _int_or_none(value: Any) -> int | None:
         return None if value is None else int(value)
     except (TypeError, ValueError):
         return None
+
+
+def container_log(container_id: str, tail: int = 200) -> bytes:
+    """The container's own output (stdout and stderr of its command), last `tail` lines."""
+    with _guard("reading the container's log"):
+        return _client().api.logs(container_id, stdout=True, stderr=True, tail=tail) or b""
 
 
 def container_stats(container_id: str) -> dict[str, Any]:

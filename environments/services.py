@@ -21,7 +21,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from lsl_site.errors import InvalidInput
 
 from accounts.models import Profile, Team
-from environments import runtime, tasks
+from environments import identity, runtime, tasks
 from lsl_site import events
 from environments.models import (
     ROLE_CODENAMES,
@@ -58,6 +58,9 @@ def container_spec(env: Environment) -> runtime.ContainerSpec:
         # sudo is a setuid program: it cannot work under no-new-privileges. A template that allows sudo
         # trades that hardening for it (capabilities stay limited to DEV_SHELL_CAPABILITIES either way).
         no_new_privileges=not env.template.allow_sudo,
+        command=identity.boot_command(Profile.for_user(env.owner), shell=env.template.shell or "/bin/sh",
+                                      sudo=env.template.allow_sudo, owned_dirs=[runtime.WORKSPACE_PATH],
+                                      keepalive=runtime.KEEPALIVE_COMMAND),
     )
 
 

@@ -21,4 +21,7 @@ def provision_environment(env_id: str) -> None:
 
 
 def enqueue_provisioning(env_id: object) -> None:
+    from lsl_site import wake
+
     provision_environment.enqueue(str(env_id))
+    wake.notify("tasks")  # a worker claims it now instead of at its next poll

@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from environments import metrics, provisioning, reconcile, runtime, services, tasks
 from environments.models import Environment, Status
-from lsl_site import events
+from lsl_site import events, wake
 from lsl_site.models import PeriodicJob
 
 log = logging.getLogger("lsl.worker")
@@ -146,6 +146,8 @@ class Worker:
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lsl-task")
         free = threading.Semaphore(self.threads)
         poll = settings.LSL_WORKER_POLL_INTERVAL
+        woken = wake.Listener("tasks")  # enqueue_provisioning wakes it: no waiting for the next poll
+        wake.relay_redis_in_thread("tasks", self.stopping)
 
         def run(task_result: Any) -> None:
             try:
@@ -175,12 +177,13 @@ class Worker:
                 log.exception("claiming a task failed")
             if task_result is None:
                 free.release()
-                self.stopping.wait(poll)
+                woken.wait(poll)
                 continue
             with self._busy_lock:
                 self.busy += 1
             pool.submit(run, task_result)
         pool.shutdown(wait=False)
+        woken.close()
 
     # --- engine events --------------------------------------------------------------------------
 

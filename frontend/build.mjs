@@ -15,7 +15,8 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const outdir = path.join(here, "static", "frontend", "dist");
 const watch = process.argv.includes("--watch");
 
-const entries = ["terminal", "player", "monitor"];
+// Page bundles. events.js and render.js are shared modules, bundled into each page that imports them.
+const entries = ["terminal", "player", "monitor", "dashboard", "environment"];
 const css = [
   "node_modules/@xterm/xterm/css/xterm.css",
   "node_modules/asciinema-player/dist/bundle/asciinema-player.css",

@@ -5,11 +5,12 @@ Publishing (sync, anywhere): `publish(kind, payload, environment_id=..., user_id
 wakes the listeners once the transaction commits.
 
 Listening (async, per process): one `EventBus` per process tails the table and calls its
-subscribers on the event loop. There is one database read per poll per *process*, never per
-client. Wake-ups come from this process's own commits at once, from other processes through
-Redis pub/sub when LSL_REDIS_URL is set, and otherwise from polling every
-LSL_EVENT_POLL_INTERVAL seconds. Polling stays on with Redis too (at LSL_EVENT_POLL_SLOW), so a
-Redis outage slows events down but loses none.
+subscribers on the event loop. There is one database read per wake-up or poll per *process*,
+never per client. Wake-ups (lsl_site.wake) come at once from this process's own commits, from
+other processes on this host through a Unix datagram socket, and from other hosts through Redis
+pub/sub when LSL_REDIS_URL is set. Polling every LSL_EVENT_POLL_INTERVAL seconds (slower,
+LSL_EVENT_POLL_SLOW, while Redis is healthy) is the fallback, so a lost wake-up or a Redis outage
+slows events down but loses none.
 
 Threading contract: `publish` may be called from any thread. `EventBus` lives on one event loop;
 its subscribers are called on that loop, must not block, and may not raise (errors are logged).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,6 +32,8 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.db.models import Q
+
+from lsl_site import wake
 
 log = logging.getLogger(__name__)
 
@@ -84,35 +86,12 @@ def _uuid(value: Any) -> uuid.UUID | None:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
-_redis_lock = threading.Lock()
-_redis_client: Any = None
-_redis_down_until = 0.0
-
-
 def wake_listeners() -> None:
-    """Wake this process's bus now, and other processes' through Redis when there is one."""
+    """Wake this process's bus now, and every other process's (lsl_site.wake)."""
     bus = _BUS
     if bus is not None:
         bus.wake_threadsafe()
-    if settings.REDIS_URL:
-        _redis_notify()
-
-
-def _redis_notify() -> None:
-    """Best effort: a Redis outage only slows other processes down to their polling interval."""
-    global _redis_client, _redis_down_until
-    if time.monotonic() < _redis_down_until:
-        return
-    try:
-        with _redis_lock:
-            if _redis_client is None:
-                import redis
-
-                _redis_client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
-        _redis_client.publish(REDIS_CHANNEL, b"1")
-    except Exception as exc:  # redis.ConnectionError, timeouts, DNS: all mean "not now"
-        _redis_down_until = time.monotonic() + 2.0
-        log.warning("events: Redis notify failed (%s); other processes will poll", exc.__class__.__name__)
+    wake.notify("events")
 
 
 def latest_id() -> int:
@@ -235,6 +214,13 @@ class EventBus:
     async def _run(self, db: Any) -> None:
         assert self._wake is not None and self.ready is not None
         self.cursor = _Cursor(last_id=await db(latest_id)())
+        try:
+            listener = wake.Listener("events")
+            asyncio.get_running_loop().add_reader(listener.fileno(), lambda: (listener.drain(), self._wake.set()))  # type: ignore[union-attr]
+            self._listener: wake.Listener | None = listener
+        except OSError as exc:  # e.g. a read-only var dir: polling still works
+            log.warning("events: no local wake-up socket (%s); polling only", exc)
+            self._listener = None
         self.ready.set()
         if settings.REDIS_URL:
             self._redis_task = asyncio.create_task(self._listen_redis())

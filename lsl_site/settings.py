@@ -189,13 +189,14 @@ LSL_CATALOG = env_str("LSL_CATALOG", str(BASE_DIR / "catalog" / "default.yaml"))
 # LSL_RECONCILE_INTERVAL seconds is the safety net for anything an event stream missed.
 LSL_RECONCILE_INTERVAL = env_float("LSL_RECONCILE_INTERVAL", 30.0, minimum=1)
 LSL_WORKER_THREADS = env_int("LSL_WORKER_THREADS", 4, minimum=1)
-LSL_WORKER_POLL_INTERVAL = env_float("LSL_WORKER_POLL_INTERVAL", 0.05, minimum=0.01)
+LSL_WORKER_POLL_INTERVAL = env_float("LSL_WORKER_POLL_INTERVAL", 0.5, minimum=0.01)  # fallback: queuing wakes it
 LSL_PROVISION_LEASE = env_float("LSL_PROVISION_LEASE", 15.0, minimum=3)  # seconds; renewed every third of it
 LSL_ENGINE_RETRY_FOR = env_float("LSL_ENGINE_RETRY_FOR", 30.0, minimum=0)  # provisioning waits this long for an engine that is down
 LSL_STATS_INTERVAL = env_float("LSL_STATS_INTERVAL", 10.0, minimum=1)
-# Events (lsl_site/events.py): polled this often without Redis; with Redis, pub/sub wakes listeners
-# at once and polling slows to LSL_EVENT_POLL_SLOW (it still catches up after a Redis outage).
-LSL_EVENT_POLL_INTERVAL = env_float("LSL_EVENT_POLL_INTERVAL", 0.1, minimum=0.01)
+# Events (lsl_site/events.py): wake-ups (lsl_site/wake.py: a local socket, Redis pub/sub across
+# hosts) deliver them at once; polling this often is the fallback, slowed to LSL_EVENT_POLL_SLOW
+# while Redis is healthy (it still catches up after an outage).
+LSL_EVENT_POLL_INTERVAL = env_float("LSL_EVENT_POLL_INTERVAL", 0.25, minimum=0.01)
 LSL_EVENT_POLL_SLOW = env_float("LSL_EVENT_POLL_SLOW", 1.0, minimum=0.05)
 LSL_EVENT_RETENTION = env_float("LSL_EVENT_RETENTION", 3600.0, minimum=60)
 LSL_SESSION_IDLE_TIMEOUT = env_float("LSL_SESSION_IDLE_TIMEOUT", 600.0, minimum=0)

@@ -1,11 +1,22 @@
 // The live monitor pages: /monitor/ (staff: host + every environment) and
-// /environments/<id>/monitor/ (one environment). Both poll GET /api/v1/monitor/
-// every 2 s, keep the last few minutes in memory and draw them with uPlot.
+// /environments/<id>/monitor/ (one environment).
+//
+// Two sources, because they answer different questions:
+//   * the event stream (src/events.js) says what *changed*: statuses, why an environment stopped,
+//     sessions opening and ending, who is attached, environments created and deleted. Those update
+//     the page the moment they happen;
+//   * GET /api/v1/monitor/ every 2 s gives the *figures* (CPU, memory, network, pids: the worker's
+//     latest samples). No event carries them, so the charts keep sampling. The answer also carries
+//     statuses and sessions; an event handled while a request was in flight wins over it.
+// With polling disabled (window.LSL_DISABLE_POLLING or ?nopoll=1, for tests) the figures are read
+// once, and everything after that comes from events only.
 //
 // Exposes window.LSL.{uPlot, mountMonitor, formatBytes}; the page calls
 // LSL.mountMonitor({mode: "host"}) or LSL.mountMonitor({mode: "environment", envId}) once.
 // window.lslMonitor.samples counts successful polls (the browser tests wait on it).
 import uPlot from "uplot";
+import { describeStreamState, environmentIdOf, openEventStream, pageCursor, pollingDisabled } from "./events.js";
+import { applySessionEvent, describeStopReason, formatBytes, h, renderStatusCell, sessionLine, sessionsFromCell } from "./render.js";
 
 const POLL_MS = 2000;
 const WINDOW_SECONDS = 5 * 60;
@@ -14,15 +25,7 @@ const PALETTE = ["#2f6fde", "#1f8a4c", "#c93b3b", "#b7791f", "#7b4fd6", "#0f8b8d
 
 // --- formatting ---------------------------------------------------------------------------
 
-function formatBytes(n) {
-  if (n == null || !Number.isFinite(n)) return "—";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  let v = Math.abs(n);
-  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
-  const digits = v >= 100 || i === 0 ? 0 : v >= 10 ? 1 : 2;
-  return `${n < 0 ? "-" : ""}${v.toFixed(digits)} ${units[i]}`;
-}
+// formatBytes comes from render.js (shared with the other live pages).
 
 const formatRate = (n) => (n == null ? "—" : `${formatBytes(n)}/s`);
 const formatPercent = (n) => (n == null || !Number.isFinite(n) ? "—" : `${n.toFixed(n < 10 && !Number.isInteger(n) ? 1 : 0)}%`);
@@ -39,23 +42,6 @@ function formatDuration(seconds) {
   return `${s}s`;
 }
 
-// --- small DOM helpers (textContent only: names come from users) ---------------------------
-
-function h(tag, props, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props || {})) {
-    if (value == null) continue;
-    if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key in node && key !== "title") node[key] = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child == null) continue;
-    node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
-
 function setTile(id, value, sub, ratio) {
   const tile = document.getElementById(id);
   if (!tile) return;
@@ -70,17 +56,9 @@ function setTile(id, value, sub, ratio) {
   }
 }
 
-function statusPill(status) {
-  return h("span", { className: `status status-${status}` }, status);
-}
-
-function sessionChips(sessions, opts = {}) {
+function sessionChips(sessions) {
   if (!sessions || !sessions.length) return h("span", { className: "muted" }, "—");
-  return h("div", {}, sessions.map((s) => h("div", { className: "live-session" },
-    opts.link === false ? h("strong", {}, s.name || "terminal") : h("a", { href: `/sessions/${s.id}/` }, s.name || "terminal"),
-    s.participants.length
-      ? s.participants.map((p) => h("span", { className: "chip", title: `${p.role} via ${p.client}` }, p.user))
-      : h("span", { className: "muted" }, "nobody attached"))));
+  return h("div", {}, sessions.map((session) => sessionLine(session)));
 }
 
 // --- history: aligned columns over a sliding window (uPlot's data layout) -------------------
@@ -156,7 +134,9 @@ class Chart {
       ...this.size(),
       title: this.title,
       scales: {
-        x: { time: true },
+        // One sample (the first, or the only one with polling disabled) has no width, and uPlot would
+        // then span 1000 days (its one-day default, in milliseconds, on our seconds): show the last minute.
+        x: { time: true, range: (u, min, max) => (u.data[0].length === 1 ? [u.data[0][0] - 60, u.data[0][0] + 1] : [min, max]) },
         y: { range: (u, min, max) => [0, Math.max(softMax, (max || 0) * 1.15)] },
       },
       axes: [
@@ -182,19 +162,40 @@ class Chart {
   }
 }
 
-// --- the poller ------------------------------------------------------------------------------
+// --- the sampler and the event stream -----------------------------------------------------------
+
+// The summary fields an environment.* event carries that the rows and tiles show.
+const SUMMARY_FIELDS = ["name", "owner", "template", "status", "stop_reason", "last_error", "progress", "started_at"];
 
 function mountMonitor(options) {
   const { mode, envId } = options;
   const url = mode === "environment" ? `/api/v1/monitor/?environment=${encodeURIComponent(envId)}` : "/api/v1/monitor/";
+  const sampling = !pollingDisabled();
   const state = { samples: 0, stopped: false, previous: new Map() };
   window.lslMonitor = state;
   const updated = document.getElementById("monitor-updated");
   const errorBox = document.getElementById("monitor-error");
   const view = mode === "environment" ? environmentView(envId) : hostView();
+  let streamState = "connecting";
+  let timer = null;
+  let inFlight = null;
 
   function showError(text) {
     if (errorBox) { errorBox.hidden = !text; errorBox.textContent = text || ""; }
+  }
+
+  function showUpdated() {
+    if (!updated) return;
+    const figures = state.lastSample ? `figures ${state.lastSample.toLocaleTimeString()}` : "figures …";
+    updated.textContent = `${describeStreamState(streamState, stream)} · ${figures}${sampling ? "" : " (not sampling)"}`;
+    updated.dataset.state = streamState;
+  }
+
+  function stop(text) {
+    state.stopped = true;
+    clearTimeout(timer);
+    stream.close();
+    showError(text);
   }
 
   // Network counters become rates between two polls; a counter that went down (restart) gives no rate.
@@ -208,38 +209,106 @@ function mountMonitor(options) {
     return { rx: rate(stats.network_rx_bytes, before.rx), tx: rate(stats.network_tx_bytes, before.tx) };
   }
 
-  async function poll() {
+  // One sample of the figures (also the stream's refetch: it carries statuses and sessions too).
+  function sample() {
+    if (!inFlight) inFlight = fetchSample().finally(() => { inFlight = null; });
+    return inFlight;
+  }
+
+  async function fetchSample() {
     if (state.stopped) return;
-    const started = performance.now();
+    const mark = stream.received;
     try {
       const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
       if (response.status === 404 && mode === "environment") {
-        state.stopped = true;
         view.gone();
-        showError("This environment was deleted, or your access to it was revoked.");
+        stop("This environment was deleted, or your access to it was revoked.");
         return;
       }
       if (response.status === 401 || response.status === 403) {
-        state.stopped = true;
-        showError("You are signed out, or no longer allowed to see this page. Reload to sign in again.");
+        stop("You are signed out, or no longer allowed to see this page. Reload to sign in again.");
         return;
       }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const data = await response.json();
       const t = Date.now() / 1000;
       for (const env of data.environments) env.rates = rates(env, t);
-      view.render(data, t);
+      view.render(data, t, (id, family) => stream.touchedSince(id, mark, family));
       state.samples += 1;
+      state.lastSample = new Date();
       showError("");
-      if (updated) updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+      showUpdated();
     } catch (err) {
-      showError(`Could not refresh (${err.message}); retrying.`);
+      showError(`Could not refresh the figures (${err.message}); retrying.`);
     }
-    // Start-to-start every POLL_MS: a stats sample itself takes about a second.
-    setTimeout(poll, Math.max(250, POLL_MS - (performance.now() - started)));
   }
-  poll();
+
+  // Start-to-start every POLL_MS: a stats read itself can take a while.
+  async function loop() {
+    const started = performance.now();
+    await sample();
+    if (!state.stopped) timer = setTimeout(loop, Math.max(250, POLL_MS - (performance.now() - started)));
+  }
+
+  const stream = openEventStream({
+    since: pageCursor(),
+    refetch: sample,
+    onState: (s) => { streamState = s; showUpdated(); },
+  });
+  const event = (callback) => (e) => { if (!state.stopped) callback(e); };
+  stream.on("environment.created", event((e) => view.environment(e.environment)));
+  stream.on("environment.changed", event((e) => view.environment(e.environment)));
+  stream.on("environment.deleted", event((e) => {
+    if (mode === "environment" && e.environment.id === envId) {
+      view.gone();
+      stop("This environment was deleted.");
+    } else {
+      view.deleted(e.environment.id);
+    }
+  }));
+  for (const type of ["session.opened", "session.presence", "session.ended"]) {
+    stream.on(type, event((e) => view.session(environmentIdOf(e), e)));
+  }
+  // Access to this environment changed: one sample says whether we may still see it (404 if not).
+  stream.on("access.changed", event((e) => { if (mode !== "environment" || e.environment === envId) sample(); }));
+  stream.on("team.changed", event(() => sample()));
+
+  if (sampling) loop();
+  else sample(); // the figures once; from here on the page changes only through events
+  showUpdated();
   return state;
+}
+
+// Read the server-rendered status cell back (the monitor API does not carry stop reasons or errors).
+function summaryFromStatusCell(cell) {
+  const reason = cell.querySelector(".stop-reason");
+  const error = cell.querySelector(".env-error");
+  return {
+    status: (cell.querySelector(".status") || {}).textContent || "",
+    stop_reason: reason ? reason.dataset.reason : "",
+    last_error: error ? error.title : "",
+  };
+}
+
+// Merge a monitor API answer into the known environments. `fresher(id, family)` says an event about
+// that environment was handled while the request was in flight: then the event's view stands.
+function mergeSample(known, data, fresher) {
+  const merged = new Map();
+  for (const env of data.environments) {
+    const before = known.get(env.id) || {};
+    const entry = { ...before, ...env, stop_reason: before.stop_reason || "", last_error: before.last_error || "" };
+    if (fresher(env.id, "environment")) {
+      for (const field of SUMMARY_FIELDS) if (field in before) entry[field] = before[field];
+    } else if (before.status !== undefined && before.status !== env.status) {
+      entry.stop_reason = ""; // an event was missed: whatever we knew of why it stopped is stale
+      entry.last_error = "";
+    }
+    if (fresher(env.id, "session") && before.sessions) entry.sessions = before.sessions;
+    merged.set(env.id, entry);
+  }
+  // Created while the request was in flight: the event put it there, the answer could not.
+  for (const [id, entry] of known) if (!merged.has(id) && fresher(id, "environment")) merged.set(id, entry);
+  return merged;
 }
 
 // The staff page: host tiles and charts, every environment's figures and sessions.
@@ -254,6 +323,19 @@ function hostView() {
     envMemory: new Chart(document.getElementById("chart-env-memory"), { title: "Environments memory", format: formatBytes, softMax: 1 }),
   };
   const tbody = document.querySelector("#monitor-envs tbody");
+  // id -> what the row shows: seeded from the server's rows, then samples and events.
+  let envs = new Map();
+  for (const row of tbody.querySelectorAll("tr[data-env]")) {
+    envs.set(row.dataset.env, {
+      id: row.dataset.env,
+      name: row.querySelector(".env-link").textContent,
+      owner: row.children[1].textContent,
+      template: row.children[2].textContent,
+      ...summaryFromStatusCell(row.querySelector(".status-cell")),
+      sessions: sessionsFromCell(row.querySelector(".sessions-cell")),
+      stats: null, rates: { rx: null, tx: null }, uptime_seconds: null, sampled: false,
+    });
+  }
 
   function renderHost(host) {
     const engine = host.engine || {};
@@ -268,49 +350,75 @@ function hostView() {
     document.getElementById("host-engine")?.classList.toggle("down", Boolean(engine.error));
   }
 
-  function renderRows(envs) {
+  function figure(env, value) {
+    if (env.sampled === false) return "…"; // known from an event, not sampled yet
+    return value;
+  }
+
+  function renderRows() {
     tbody.replaceChildren();
-    if (!envs.length) {
+    if (!envs.size) {
       tbody.appendChild(h("tr", {}, h("td", { colSpan: 10, className: "empty" }, "No environments.")));
       return;
     }
-    for (const env of envs) {
-      const s = env.stats;
+    for (const env of envs.values()) {
+      // Figures only describe a running container: a stopped one's last sample is history.
+      const s = env.status === "running" ? env.stats : null;
       const failed = s && s.error;
       const memory = s && !failed ? `${formatBytes(s.memory_bytes)} / ${formatBytes(s.memory_limit_bytes)}` : "—";
       const network = s && !failed
         ? h("span", { title: `${formatRate(env.rates.rx)} in, ${formatRate(env.rates.tx)} out` },
           `↓ ${formatBytes(s.network_rx_bytes)} ↑ ${formatBytes(s.network_tx_bytes)}`)
         : "—";
+      const statusCell = h("td", { className: "status-cell" });
+      renderStatusCell(statusCell, env);
       tbody.appendChild(h("tr", { dataset: { env: env.id } },
         h("td", {}, h("a", { href: `/environments/${env.id}/monitor/`, className: "env-link" }, env.name)),
         h("td", {}, env.owner),
         h("td", {}, env.template),
-        h("td", {}, statusPill(env.status)),
-        h("td", { className: "num cpu" }, failed ? h("span", { className: "muted", title: s.error }, "error") : s ? formatPercent(s.cpu_percent) : "—"),
-        h("td", { className: "num memory" }, memory),
-        h("td", { className: "num network" }, network),
-        h("td", { className: "num pids" }, s && !failed ? String(s.pids) : "—"),
-        h("td", { className: "num uptime" }, formatDuration(env.uptime_seconds)),
+        statusCell,
+        h("td", { className: "num cpu" }, figure(env, failed ? h("span", { className: "muted", title: s.error }, "error") : s ? formatPercent(s.cpu_percent) : "—")),
+        h("td", { className: "num memory" }, figure(env, memory)),
+        h("td", { className: "num network" }, figure(env, network)),
+        h("td", { className: "num pids" }, figure(env, s && !failed ? String(s.pids) : "—")),
+        h("td", { className: "num uptime" }, figure(env, env.status === "running" ? formatDuration(env.uptime_seconds) : "—")),
         h("td", { className: "sessions-cell" }, sessionChips(env.sessions)),
       ));
     }
   }
 
   return {
-    render(data, t) {
+    render(data, t, fresher) {
+      envs = mergeSample(envs, data, fresher);
+      for (const env of envs.values()) if (data.environments.some((e) => e.id === env.id)) env.sampled = true;
       renderHost(data.host);
-      renderRows(data.environments);
+      renderRows();
       hostHistory.push(t, new Map([["cpu", data.host.cpu_percent], ["memory", data.host.memory_used_bytes]]));
       const sampled = data.environments.filter((env) => env.stats && !env.stats.error);
       envCpu.push(t, new Map(sampled.map((env) => [env.id, env.stats.cpu_percent])));
       envMemory.push(t, new Map(sampled.map((env) => [env.id, env.stats.memory_bytes])));
-      const labels = new Map(data.environments.map((env) => [env.id, `${env.owner}/${env.name}`]));
+      const labels = new Map([...envs.values()].map((env) => [env.id, `${env.owner}/${env.name}`]));
       const envSeries = (history) => [...history.columns.keys()].map((key) => ({ key, label: labels.get(key) || key.slice(0, 8) }));
       charts.hostCpu.update(hostHistory, [{ key: "cpu", label: "CPU" }]);
       charts.hostMemory.update(hostHistory, [{ key: "memory", label: "used" }]);
       charts.envCpu.update(envCpu, envSeries(envCpu));
       charts.envMemory.update(envMemory, envSeries(envMemory));
+    },
+    environment(summary) {
+      const before = envs.get(summary.id);
+      const entry = before || { id: summary.id, sessions: [], stats: null, rates: { rx: null, tx: null }, uptime_seconds: null, sampled: false };
+      for (const field of SUMMARY_FIELDS) entry[field] = summary[field];
+      if (!before) envs = new Map([[summary.id, entry], ...envs]); // newest first, as the server lists them
+      renderRows();
+    },
+    deleted(id) {
+      if (envs.delete(id)) renderRows();
+    },
+    session(id, e) {
+      const env = envs.get(id);
+      if (!env) return;
+      env.sessions = applySessionEvent(env.sessions || [], e);
+      renderRows();
     },
     gone() {},
   };
@@ -326,9 +434,51 @@ function environmentView(envId) {
     pids: new Chart(document.getElementById("chart-pids"), { title: "Processes", format: (v) => String(Math.round(v)), softMax: 5 }),
   };
   const statusEl = document.getElementById("env-status");
+  const reasonEl = document.getElementById("env-stop-reason");
   const sessionsBody = document.querySelector("#monitor-sessions tbody");
+  // What the page shows, seeded from the server's rendering; samples and events keep it current.
+  let env = {
+    id: envId,
+    status: statusEl.textContent.trim(),
+    stop_reason: reasonEl ? reasonEl.dataset.reason || "" : "",
+    sessions: [...sessionsBody.querySelectorAll("tr[data-session]")].map((row) => ({
+      id: row.dataset.session,
+      name: row.dataset.name || "",
+      created_at: row.dataset.created || null,
+      participants: [...row.querySelectorAll(".chip")].map((chip) => ({ user: chip.dataset.user, role: chip.dataset.role, client: chip.dataset.client })),
+    })),
+    stats: null, rates: { rx: null, tx: null }, limits: {}, uptime_seconds: null,
+  };
 
-  function renderSessions(sessions) {
+  function renderStatus() {
+    statusEl.textContent = env.status;
+    statusEl.className = `status status-${env.status}`;
+    if (!reasonEl) return;
+    const reason = env.status === "running" || env.status === "creating" ? null : describeStopReason(env.stop_reason);
+    reasonEl.hidden = !reason;
+    reasonEl.textContent = reason ? reason.text : "";
+    reasonEl.title = reason ? reason.title : "";
+    reasonEl.className = `stop-reason${reason && reason.bad ? " bad" : ""}`;
+  }
+
+  function renderTiles() {
+    const s = env.status === "running" && env.stats && !env.stats.error ? env.stats : null;
+    const limits = env.limits || {};
+    const idle = env.status === "running" ? (env.stats && env.stats.error) || "sampling…" : `not running (${env.status})`;
+    setTile("env-cpu", s ? formatPercent(s.cpu_percent) : "—", s ? `of ${limits.cpus} CPU allowed` : idle,
+      s && limits.cpus ? s.cpu_percent / 100 / limits.cpus : 0);
+    setTile("env-memory", s ? formatBytes(s.memory_bytes) : "—", s ? `of ${formatBytes(s.memory_limit_bytes)}` : idle,
+      s && s.memory_limit_bytes ? s.memory_bytes / s.memory_limit_bytes : 0);
+    setTile("env-network", s ? `↓ ${formatBytes(s.network_rx_bytes)} ↑ ${formatBytes(s.network_tx_bytes)}` : "—",
+      s ? `${formatRate(env.rates.rx)} in · ${formatRate(env.rates.tx)} out` : idle);
+    setTile("env-pids", s ? String(s.pids) : "—", s ? `of ${limits.pids} allowed` : idle, s && limits.pids ? s.pids / limits.pids : 0);
+    const running = env.status === "running";
+    setTile("env-uptime", running ? formatDuration(env.uptime_seconds) : "—",
+      running && env.started_at ? `since ${new Date(env.started_at).toLocaleString()}` : "not running");
+  }
+
+  function renderSessions() {
+    const sessions = env.sessions || [];
     sessionsBody.replaceChildren();
     if (!sessions.length) {
       sessionsBody.appendChild(h("tr", {}, h("td", { colSpan: 3, className: "empty" }, "No live terminal sessions.")));
@@ -337,7 +487,7 @@ function environmentView(envId) {
     for (const s of sessions) {
       sessionsBody.appendChild(h("tr", { dataset: { session: s.id } },
         h("td", {}, h("a", { href: `/sessions/${s.id}/` }, s.name || s.id.slice(0, 8))),
-        h("td", {}, new Date(s.created_at).toLocaleString()),
+        h("td", {}, s.created_at ? new Date(s.created_at).toLocaleString() : ""),
         h("td", {}, s.participants.length
           ? s.participants.map((p) => h("span", { className: "chip", title: `${p.role} via ${p.client}` }, `${p.user} · ${p.role} · ${p.client}`))
           : h("span", { className: "muted" }, "nobody attached"))));
@@ -345,28 +495,18 @@ function environmentView(envId) {
   }
 
   return {
-    render(data, t) {
-      const env = data.environments.find((e) => e.id === envId);
-      if (!env) return;
-      statusEl.textContent = env.status;
-      statusEl.className = `status status-${env.status}`;
-      const s = env.stats && !env.stats.error ? env.stats : null;
-      const limits = env.limits || {};
-      const idle = env.status === "running" ? (env.stats && env.stats.error) || "sampling…" : `not running (${env.status})`;
-      setTile("env-cpu", s ? formatPercent(s.cpu_percent) : "—", s ? `of ${limits.cpus} CPU allowed` : idle,
-        s && limits.cpus ? s.cpu_percent / 100 / limits.cpus : 0);
-      setTile("env-memory", s ? formatBytes(s.memory_bytes) : "—", s ? `of ${formatBytes(s.memory_limit_bytes)}` : idle,
-        s && s.memory_limit_bytes ? s.memory_bytes / s.memory_limit_bytes : 0);
-      setTile("env-network", s ? `↓ ${formatBytes(s.network_rx_bytes)} ↑ ${formatBytes(s.network_tx_bytes)}` : "—",
-        s ? `${formatRate(env.rates.rx)} in · ${formatRate(env.rates.tx)} out` : idle);
-      setTile("env-pids", s ? String(s.pids) : "—", s ? `of ${limits.pids} allowed` : idle, s && limits.pids ? s.pids / limits.pids : 0);
-      setTile("env-uptime", formatDuration(env.uptime_seconds), env.started_at ? `since ${new Date(env.started_at).toLocaleString()}` : "");
-      renderSessions(env.sessions);
-
+    render(data, t, fresher) {
+      const merged = mergeSample(new Map([[envId, env]]), data, fresher).get(envId);
+      if (!merged) return;
+      env = merged;
+      renderStatus();
+      renderTiles();
+      renderSessions();
+      const s = env.status === "running" && env.stats && !env.stats.error ? env.stats : null;
       history.push(t, new Map([
         ["cpu", s ? s.cpu_percent : null],
         ["memory", s ? s.memory_bytes : null],
-        ["rx", env.rates.rx], ["tx", env.rates.tx],
+        ["rx", s ? env.rates.rx : null], ["tx", s ? env.rates.tx : null],
         ["pids", s ? s.pids : null],
       ]));
       charts.cpu.update(history, [{ key: "cpu", label: "CPU" }]);
@@ -374,9 +514,22 @@ function environmentView(envId) {
       charts.network.update(history, [{ key: "rx", label: "in" }, { key: "tx", label: "out", color: PALETTE[3] }]);
       charts.pids.update(history, [{ key: "pids", label: "pids", color: PALETTE[4] }]);
     },
+    environment(summary) {
+      if (summary.id !== envId) return;
+      for (const field of SUMMARY_FIELDS) env[field] = summary[field];
+      renderStatus();
+      renderTiles();
+    },
+    deleted() {},
+    session(id, e) {
+      if (id !== envId) return;
+      env.sessions = applySessionEvent(env.sessions || [], e);
+      renderSessions();
+    },
     gone() {
       statusEl.textContent = "gone";
       statusEl.className = "status status-missing";
+      if (reasonEl) reasonEl.hidden = true;
     },
   };
 }
