@@ -21,7 +21,7 @@ help:
 	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to filter)"
 	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
 	@echo "make engine     start a Docker engine if none is reachable (needs root)"
-	@echo "make bench      terminal latency/throughput benchmark"
+	@echo "make bench      terminal latency/throughput and create-to-prompt benchmarks"
 	@echo "make venv | assets | migrate | clean | distclean"
 
 # --- Python -------------------------------------------------------------------
@@ -67,6 +67,7 @@ test: venv assets
 
 bench: venv
 	$(VPY) bench/terminal.py
+	$(VPY) bench/create.py
 
 clean:
 	rm -rf frontend/static/frontend/dist frontend/node_modules .pytest_cache

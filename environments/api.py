@@ -230,7 +230,8 @@ class MonitorView(APIView):
             host["engine"] = metrics.engine_snapshot().get("engine") or {"error": "not sampled yet (is the worker running?)"}
         environments = [
             {"id": str(env.id), "name": env.name, "owner": env.owner.username, "template": env.template.slug,
-             "status": env.status, "started_at": env.started_at, "uptime_seconds": metrics.uptime_seconds(env),
+             "status": env.status, "stop_reason": env.stop_reason, "last_error": env.last_error, "progress": env.progress,
+             "started_at": env.started_at, "uptime_seconds": metrics.uptime_seconds(env),
              "limits": {"cpus": env.cpus, "memory_bytes": env.memory_mb * 1024 * 1024, "pids": env.pids},
              "stats": metrics.stored_stats(env) if with_stats else None,
              "sessions": [

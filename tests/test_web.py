@@ -464,8 +464,12 @@ def test_monitor_api_query_count_does_not_grow_with_sessions(world: World) -> No
 
 @pytest.mark.django_db
 def test_dashboard_refreshes_itself(world: World) -> None:
+    """It follows the event stream from the id read before its rows (so nothing between is missed)."""
+    from lsl_site.events import latest_id
+
     page = html(world.client("viewer").get("/"))
-    assert "/api/v1/monitor/?stats=0" in page and has_id(page, "dashboard-updated") and has_id(page, "dashboard-new")
+    assert has_id(page, "events-since") and "frontend/dist/dashboard.js" in page
+    assert f'<script id="events-since" type="application/json">{latest_id()}</script>' in page
 
 
 # --- team creation ---------------------------------------------------------------------------
