@@ -21,7 +21,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from lsl_site.errors import InvalidInput
 
 from accounts.models import Profile, Team
-from environments import identity, runtime, tasks
+from environments import activity, identity, runtime, tasks
 from lsl_site import events
 from environments.models import (
     ROLE_CODENAMES,
@@ -453,22 +453,14 @@ def _publish_access(env: Environment, *, role: str | None, user: AbstractBaseUse
 # --- idle stop (run by the worker) ---------------------------------------------------------
 
 def last_activity(env: Environment) -> Any:
-    """The latest of: started, last seen active, last participant leaving one of its terminal sessions."""
-    from django.apps import apps
-    from django.db.models import Max
-
-    participation = apps.get_model("terminals", "Participation")
-    left = participation.objects.filter(session__environment=env).aggregate(left=Max("left_at"))["left"]
-    moments = [m for m in (env.started_at, env.last_active_at, left) if m is not None]
+    """The latest of: started, last seen active, last user leaving it (e.g. one of its terminal sessions)."""
+    moments = [m for m in (env.started_at, env.last_active_at, activity.last_left(env)) if m is not None]
     return max(moments) if moments else env.created_at
 
 
 def is_active(env: Environment) -> bool:
-    """Someone is attached to one of its terminal sessions, or a command (exec) is running in it."""
-    from django.apps import apps
-
-    participation = apps.get_model("terminals", "Participation")
-    if participation.objects.filter(session__environment=env, session__ended_at__isnull=True, left_at__isnull=True).exists():
+    """Someone is attached to it (e.g. one of its terminal sessions), or a command (exec) is running in it."""
+    if activity.attached(env):
         return True
     return bool(env.container_id) and runtime.running_exec_count(env.container_id) > 0
 

@@ -9,4 +9,7 @@ class TerminalSessionsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from sessions import services  # noqa: F401 - connects the environment_stopped receiver
+        from environments import activity
+        from sessions import services  # also connects the environment_stopped receiver
+
+        activity.register(services.SessionActivity())

@@ -136,6 +136,19 @@ def end_session(session: TerminalSession, reason: str = EndReason.ENDED) -> None
     session.refresh_from_db()
 
 
+class SessionActivity:
+    """Tells idle stop (environments.activity) about terminal sessions."""
+
+    def attached(self, env: Environment) -> bool:
+        return Participation.objects.filter(session__environment=env, session__ended_at__isnull=True,
+                                            left_at__isnull=True).exists()
+
+    def last_left(self, env: Environment) -> Any:
+        from django.db.models import Max
+
+        return Participation.objects.filter(session__environment=env).aggregate(left=Max("left_at"))["left"]
+
+
 def live_sessions(env: Environment) -> Any:
     return TerminalSession.objects.filter(environment=env, ended_at__isnull=True)
 

@@ -7,40 +7,28 @@ page within 1 s of the API call returning; a container killed behind LSL's back 
 shows as stopped, reason "killed", within 2 s. Latency is measured with time.monotonic() from the
 moment the change returns to the moment the DOM shows it, reading the DOM every 50 ms.
 
-The driver setup and helpers are copied from tests/test_browser.py, so that this file does not
-depend on another test module. Screenshots: <LSL_VAR_DIR>/screenshots/*_events_light.png.
+The driver and fixtures are tests/browser.py's. Screenshots: <LSL_VAR_DIR>/screenshots/*_events_light.png.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
-from django.conf import settings
-from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException, WebDriverException
-from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
 
-from environments import runtime
 from environments.models import Environment, Template
+from tests.browser import Browser, browsers, cleanup_containers  # noqa: F401  (fixtures)
 from tests.conftest import docker_cli, make_token
 
 # serialized_rollback: the live daphne outlives each test's flush, and caches content-type ids
 # (guardian's role checks use them); restoring the original rows keeps those ids valid.
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-SCREENSHOTS = Path(settings.VAR_DIR) / "screenshots"
 
 API_BUDGET = 1.0  # seconds from an API change returning to an open page showing it
 KILL_BUDGET = 2.0  # seconds from `docker kill` returning to an open page showing "stopped (killed)"
@@ -53,68 +41,8 @@ REQUESTS_JS = """return performance.getEntriesByType("resource")
 LATENCIES: dict[str, float] = {}
 
 
-class Browser:
-    """One headless chromium with its own profile, pointed at the live server (as in tests/test_browser.py)."""
-
-    def __init__(self, base_url: str) -> None:
-        for binary in (CHROMIUM, CHROMEDRIVER):
-            if not Path(binary).exists():
-                pytest.fail(f"{binary} is required for the browser tests (apt-get install chromium chromium-driver)", pytrace=False)
-        self.base_url = base_url
-        self.profile = tempfile.mkdtemp(prefix="lsl-chromium-")
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run", f"--user-data-dir={self.profile}", "--window-size=1280,900"):
-            options.add_argument(arg)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to fail on the pages' script errors
-        self.driver: WebDriver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-    def quit(self) -> None:
-        try:
-            self.driver.quit()
-        finally:
-            shutil.rmtree(self.profile, ignore_errors=True)
-
-    def get(self, path: str) -> None:
-        self.driver.get(self.base_url + path)
-
-    def wait(self, condition: Callable[[WebDriver], Any], timeout: float = 30, what: str = "") -> Any:
-        def safe(driver: WebDriver) -> Any:
-            try:
-                return condition(driver)
-            except (StaleElementReferenceException, WebDriverException):
-                return False
-        try:
-            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(safe, message=what)
-        except TimeoutException:
-            self.fail_evidence(what)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; {self.driver.current_url} shows:\n"
-                                 f"{self.body()[:3000]}") from None
-
-    def css(self, selector: str) -> Any:
-        return self.driver.find_element(By.CSS_SELECTOR, selector)
-
-    def text(self, selector: str) -> str:
-        return self.css(selector).text
-
-    def body(self) -> str:
-        return self.driver.find_element(By.TAG_NAME, "body").text
-
-    def login(self, username: str, password: str) -> None:
-        self.get("/login/")
-        self.css("#id_username").send_keys(username)
-        self.css("#id_password").send_keys(password)
-        self.css("form.stacked button[type=submit]").click()
-        self.wait(lambda d: d.current_url.rstrip("/") == self.base_url, what=f"{username} lands on the dashboard")
-
-    def screenshot(self, name: str) -> None:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
-
-    def fail_evidence(self, what: str) -> None:
-        self.screenshot("failed-" + "".join(c if c.isalnum() else "-" for c in what)[:60])
+class LiveBrowser(Browser):
+    """The shared harness (tests/browser.py) plus what the event-stream tests need."""
 
     # --- for the event stream ---------------------------------------------------------------
 
@@ -157,6 +85,9 @@ class Browser:
             time.sleep(DOM_POLL)
 
 
+BROWSER_CLASS = LiveBrowser  # what the `browsers` fixture opens in this module
+
+
 # DOM conditions (arguments: environment id, wanted status, wanted stop-reason text or "" for none).
 DASHBOARD_SHOWS = """
     const row = document.querySelector(`#environments tr[data-env="${arguments[0]}"]`);
@@ -179,40 +110,12 @@ MONITOR_SHOWS = """
 """
 
 
-@pytest.fixture(autouse=True)
-def cleanup_containers(transactional_db: Any) -> Iterator[None]:
-    """Remove this test's containers and volumes afterwards (the live server and worker created them)."""
-    yield
-    for env in Environment.objects.all():  # the transactional test database holds only this test's rows
-        try:
-            if env.container_id:
-                runtime.remove_container(env.container_id)
-            if env.workspace_volume:
-                runtime.remove_volume(env.workspace_volume)
-        except runtime.EngineError:
-            pass
-
-
-@pytest.fixture()
-def browsers(live_server_proc: Any) -> Iterator[Callable[[], Browser]]:
-    opened: list[Browser] = []
-
-    def open_browser() -> Browser:
-        browser = Browser(live_server_proc.url)
-        opened.append(browser)
-        return browser
-
-    yield open_browser
-    for browser in opened:
-        browser.quit()
-
-
 def api(live_server_proc: Any, token: str, method: str, path: str, **kwargs: Any) -> requests.Response:
     return requests.request(method, f"{live_server_proc.url}{path}", headers={"Authorization": f"Token {token}"},
                             timeout=60, **kwargs)
 
 
-def test_status_changes_reach_open_pages_through_events_alone(people: Any, make_env: Any, browsers: Callable[[], Browser],
+def test_status_changes_reach_open_pages_through_events_alone(people: Any, make_env: Any, browsers: Callable[[], LiveBrowser],
                                                                live_server_proc: Any) -> None:
     env = make_env(people.owner, name="evented")
     assert env.status == "running", env.last_error
@@ -293,7 +196,7 @@ def make_template(slug: str, setup: list[str]) -> Template:
                                    pids=64, network_modes=["none"], setup=setup, managed_by_catalog=False)
 
 
-def test_dashboard_rows_come_and_go_and_failures_look_like_failures(people: Any, browsers: Callable[[], Browser],
+def test_dashboard_rows_come_and_go_and_failures_look_like_failures(people: Any, browsers: Callable[[], LiveBrowser],
                                                                      live_server_proc: Any, worker_proc: Any) -> None:
     make_template("bad-setup", ["echo about to fail", "exit 3"])
     token = make_token(people.owner)
@@ -356,7 +259,7 @@ BLOCK_WEBSOCKETS = """
 UNBLOCK_WEBSOCKETS = "window.WebSocket = window.RealWebSocket; window.lslEvents.reconnectNow();"
 
 
-def test_a_dropped_stream_resumes_where_it_left_off(people: Any, make_env: Any, browsers: Callable[[], Browser],
+def test_a_dropped_stream_resumes_where_it_left_off(people: Any, make_env: Any, browsers: Callable[[], LiveBrowser],
                                                     live_server_proc: Any) -> None:
     env = make_env(people.owner, name="resumed")
     assert env.status == "running", env.last_error
@@ -391,7 +294,7 @@ def test_a_dropped_stream_resumes_where_it_left_off(people: Any, make_env: Any, 
 
 
 def test_the_slow_poll_is_only_a_fallback_while_the_stream_is_down(people: Any, make_env: Any,
-                                                                    browsers: Callable[[], Browser],
+                                                                    browsers: Callable[[], LiveBrowser],
                                                                     live_server_proc: Any) -> None:
     env = make_env(people.owner, name="fallback")
     assert env.status == "running", env.last_error
