@@ -14,7 +14,7 @@ from rest_framework.exceptions import AuthenticationFailed, NotFound, Permission
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
+from lsl_site.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from accounts import services

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -30,6 +31,18 @@ def _login_keys(request: HttpRequest | None, username: str) -> tuple[str, str]:
     return f"lsl:login-failures:{digest}", f"lsl:login-lock:{digest}"
 
 
+def _cached(operation: str, *args: Any, default: Any = None) -> Any:
+    """A cache call that survives the cache (Redis) being down: the lockout then fails open, like
+    the API's throttles (lsl_site.throttling), rather than making sign-in impossible."""
+    try:
+        return getattr(cache, operation)(*args)
+    except ValueError:
+        raise
+    except Exception as exc:
+        logging.getLogger(__name__).warning("login lockout is off: its cache is unavailable (%s)", exc.__class__.__name__)
+        return default
+
+
 class ThrottledAuthenticationForm(AuthenticationForm):
     """Django's login form plus a per username+IP lockout kept in the cache."""
 
@@ -42,7 +55,7 @@ class ThrottledAuthenticationForm(AuthenticationForm):
     def clean(self) -> dict[str, Any]:
         username = self.cleaned_data.get("username") or ""
         failures_key, lock_key = _login_keys(self.request, username)
-        locked_until = cache.get(lock_key)
+        locked_until = _cached("get", lock_key)
         if locked_until is not None:
             # Refuse without checking the password, so a locked account cannot be probed further.
             raise self._locked_error(locked_until)
@@ -50,16 +63,16 @@ class ThrottledAuthenticationForm(AuthenticationForm):
             return super().clean()
         except forms.ValidationError:
             if username:
-                cache.add(failures_key, 0, LOGIN_WINDOW_SECONDS)
+                _cached("add", failures_key, 0, LOGIN_WINDOW_SECONDS)
                 try:
-                    failures = cache.incr(failures_key)
+                    failures = _cached("incr", failures_key, default=0)
                 except ValueError:  # expired between add and incr
-                    cache.set(failures_key, 1, LOGIN_WINDOW_SECONDS)
+                    _cached("set", failures_key, 1, LOGIN_WINDOW_SECONDS)
                     failures = 1
                 if failures >= LOGIN_MAX_FAILURES:
                     until = time.time() + LOGIN_LOCK_SECONDS
-                    cache.set(lock_key, until, LOGIN_LOCK_SECONDS)
-                    cache.delete(failures_key)
+                    _cached("set", lock_key, until, LOGIN_LOCK_SECONDS)
+                    _cached("delete", failures_key)
                     raise self._locked_error(until) from None
             raise
 
@@ -67,7 +80,7 @@ class ThrottledAuthenticationForm(AuthenticationForm):
         super().confirm_login_allowed(user)
         # A successful sign-in forgets earlier failures.
         failures_key, _ = _login_keys(self.request, self.cleaned_data.get("username") or "")
-        cache.delete(failures_key)
+        _cached("delete", failures_key)
 
     def _locked_error(self, until: float) -> forms.ValidationError:
         minutes = max(1, int((until - time.time() + 59) // 60))

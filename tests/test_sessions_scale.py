@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -10,13 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import REPO, free_port, start_daphne, stop_daphne
+from tests.conftest import REPO, start_daphne, stop_daphne
 from tests.test_sessions import Cast
 from tests.wsclient import TermClient
 
@@ -77,26 +75,6 @@ def test_stalled_participant_does_not_slow_others(cast_debian: Cast) -> None:
 @pytest.fixture()
 def cast_debian(people: Any, make_env: Any, live_server_proc: Any) -> Cast:
     return Cast(people, make_env, live_server_proc, template="debian")
-
-
-@pytest.fixture()
-def redis_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("redis-server did not start (apt-get install redis-server)", pytrace=False)
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_participants_on_two_processes_share_a_session(people: Any, make_env: Any, redis_url: str) -> None:
