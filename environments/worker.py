@@ -80,6 +80,12 @@ PERIODIC: list[Periodic] = [
 ]
 
 
+def register_periodic(job: Periodic) -> None:
+    """For apps above this one (sessions registers its reaper): dependencies point one way."""
+    if all(existing.name != job.name for existing in PERIODIC):
+        PERIODIC.append(job)
+
+
 def claim_periodic(name: str, interval: float, worker_id: str) -> bool:
     """Take this interval's run of `name`, unless another worker already did."""
     now = timezone.now()

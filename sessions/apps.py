@@ -13,3 +13,6 @@ class TerminalSessionsConfig(AppConfig):
         from sessions import services  # also connects the environment_stopped receiver
 
         activity.register(services.SessionActivity())
+        from environments.worker import Periodic, register_periodic
+
+        register_periodic(Periodic("reap_lost_sessions", lambda: 2.0, services.reap_lost_sessions))

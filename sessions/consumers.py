@@ -29,6 +29,7 @@ from sessions.models import AuditKind, ClientKind, TerminalSession
 log = logging.getLogger(__name__)
 
 WATCH_EVERY = 2.0  # stalled participants and lost snapshots are looked at this often (no database)
+HUB_EXIT_GRACE = 1.0  # seconds a `session.ended` event waits for the hub's own exit frame
 SNAPSHOT_RETRY = 5.0  # a snapshot request unanswered this long (its answer was dropped) is repeated
 ROLE_DENIED_AUDIT_EVERY = 5.0
 
@@ -259,10 +260,24 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self.awaiting_snapshot = True  # send nothing more
 
     async def _retry_lost_snapshot(self) -> None:
-        """A full channel drops the hub's answer like any other message: ask again rather than wait forever."""
+        """A full channel drops the hub's answer like any other message: ask again rather than wait forever.
+
+        Ask whoever owns the session *now*: the owner may have died (then the session ends here, with
+        its reason) or been replaced since we joined.
+        """
         if self.awaiting_snapshot and not self.kicked and time.monotonic() - self.snapshot_requested_at > SNAPSHOT_RETRY:
             log.info("session %s: no snapshot for %s yet, asking again", self.session_id, self.channel_name)
+            try:
+                self.hub_channel = await self._resolve_hub()
+            except LookupError as exc:
+                ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
+                await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
+                return
             await self._request_snapshot()
+
+    async def _resolve_hub(self) -> str:
+        """The channel of the session's current owner (starting one here if it has none)."""
+        return await ensure_hub(self.session_id)
 
     async def _kick_slow(self) -> None:
         await self._error("too_slow", "you fell too far behind the terminal output")
@@ -296,11 +311,21 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     # --- helpers --------------------------------------------------------------------
 
     def _on_event(self, record: events.EventRecord) -> None:
-        """From the bus, on the loop: re-check the role when an access change may concern us."""
+        """From the bus, on the loop: re-check the role when an access change may concern us; pass on
+        the end of our session when its hub cannot (it died, or lives in a process we cannot reach)."""
+        if record.kind == "session.ended" and record.session_id == self.session_id:
+            asyncio.create_task(self._exit_unless_hub_does(record.payload.get("exit_code"), record.payload.get("reason")))
+            return
         concerns_us = (record.kind == "access.changed" and record.environment_id == str(self.environment_id)) or \
             (record.kind == "team.changed" and self.user.pk in record.user_ids)
         if concerns_us and (self._recheck is None or self._recheck.done()):
             self._recheck = asyncio.create_task(self._recheck_role())
+
+    async def _exit_unless_hub_does(self, code: int | None, reason: str | None) -> None:
+        """A live hub sends the last output, then `term.exit`: give it that moment, so the end never
+        overtakes output. A dead one sends nothing: then this is how the participant learns why."""
+        await asyncio.sleep(HUB_EXIT_GRACE)
+        await self._send_exit(code, reason)
 
     async def _recheck_role(self) -> None:
         role = await _current_role(self.environment_id, self.user)
@@ -331,5 +356,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self._send_json({"type": "error", "code": code, "detail": detail})
 
     async def _send_exit(self, code: int | None, reason: str | None, close_code: int = 1000) -> None:
+        if getattr(self, "exited", False):
+            return  # the hub and the event stream may both tell us: say it once
+        self.exited = True
         await self._send_json({"type": "exit", "code": code, "reason": reason or "ended"})
         await self.close(code=close_code)

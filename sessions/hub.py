@@ -52,7 +52,7 @@ OUTPUT_BATCH = 0.002
 BATCH_FROM = 1024
 RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
-HEARTBEAT = 5.0
+HEARTBEAT = 2.0  # services.HUB_STALE_AFTER is three of these
 TYPING_PRESENCE_EVERY = 1.0
 
 HUBS: dict[str, "Hub"] = {}
@@ -207,10 +207,8 @@ class Hub:
         """Kill the shell (HUP, then KILL): Docker has no API to kill an exec."""
         if self.end_reason is None:
             self.end_reason = reason
-        kill = ("p=$(cat {f} 2>/dev/null) && [ -n \"$p\" ] && kill -HUP -- \"$p\" 2>/dev/null; "
-                "sleep 1; [ -n \"$p\" ] && kill -KILL -- \"$p\" 2>/dev/null; rm -f {f}").format(f=services.pidfile(self.session_id))
         try:
-            await in_docker_thread(runtime.exec_run, self.container_id, ["/bin/sh", "-c", kill])
+            await in_docker_thread(runtime.exec_run, self.container_id, services.kill_shell_command(self.session_id))
         except runtime.EngineError as exc:
             log.info("session %s: kill failed (%s); closing the socket", self.session_id, exc)
         await asyncio.sleep(0.5)
@@ -364,7 +362,22 @@ class Hub:
 
     async def _heartbeat(self) -> None:
         while not self.finished.is_set():
-            await database_sync_to_async(services.heartbeat)(self.session_id, self.channel)
+            try:
+                renewed = await database_sync_to_async(services.heartbeat)(self.session_id, self.channel)
+            except Exception as exc:  # the database restarting: try again; a long outage makes us stale
+                log.warning("session %s: heartbeat failed: %s", self.session_id, exc)
+                renewed = True
+            if not renewed:
+                # Fenced: another process declared us lost and ended the session (its reaper killed
+                # the shell). Serving on would be split brain: stop now.
+                log.warning("session %s: lost ownership; closing the PTY", self.session_id)
+                if self.exec is not None:
+                    try:
+                        self.exec.sock.close()
+                    except OSError:
+                        pass
+                await self._finish(EndReason.SERVER_LOST, None)
+                return
             await self._flush_input_audit()
             await asyncio.sleep(HEARTBEAT)
 

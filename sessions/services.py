@@ -19,12 +19,21 @@ from sessions.models import AuditEvent, AuditKind, EndReason, Participation, Ter
 
 log = logging.getLogger(__name__)
 
-HUB_STALE_AFTER = timedelta(seconds=20)  # heartbeats come every 5 s
+# The PTY's owner renews its claim every 2 s (hub.HEARTBEAT); one silent for this long is gone: the
+# worker's reaper ends its sessions (server_lost) and kills their shells.
+HUB_STALE_AFTER = timedelta(seconds=6)
 SESSION_PID_DIR = "/tmp"
 
 
 def pidfile(session_id: Any) -> str:
     return f"{SESSION_PID_DIR}/.lsl-session-{session_id}.pid"
+
+
+def kill_shell_command(session_id: Any) -> list[str]:
+    """HUP the session's shell (its process group), then KILL it: Docker has no API to kill an exec."""
+    script = ("p=$(cat {f} 2>/dev/null) && [ -n \"$p\" ] && kill -HUP -- \"$p\" 2>/dev/null; "
+              "sleep 1; [ -n \"$p\" ] && kill -KILL -- \"$p\" 2>/dev/null; rm -f {f}").format(f=pidfile(session_id))
+    return ["/bin/sh", "-c", script]
 
 
 def session_command(session_id: Any, shell: str) -> list[str]:
@@ -103,7 +112,8 @@ def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:
 
 
 def claim_hub(session_id: Any, channel: str) -> str:
-    """Decide where a session's PTY lives. Returns "claimed", "remote" (another live process has it) or "lost"."""
+    """Decide where a session's PTY lives. Returns "claimed", "remote" (another live process has it),
+    "ended", or "lost" (its owner died: the session is now ended with server_lost)."""
     now = timezone.now()
     with transaction.atomic():
         session = TerminalSession.objects.select_for_update().get(pk=session_id)
@@ -115,13 +125,39 @@ def claim_hub(session_id: Any, channel: str) -> str:
             return "claimed"
         if session.hub_seen_at and now - session.hub_seen_at < HUB_STALE_AFTER:
             return "remote"
-    # The process holding the PTY died: the shell went with it.
-    mark_ended(session_id, EndReason.SERVER_LOST, None)
+    end_lost_session(session_id)
     return "lost"
 
 
-def heartbeat(session_id: Any, channel: str) -> None:
-    TerminalSession.objects.filter(pk=session_id, hub_channel=channel).update(hub_seen_at=timezone.now())
+def heartbeat(session_id: Any, channel: str) -> bool:
+    """Renew the owner's claim. False: someone declared this owner lost (a fence): stop serving at once."""
+    return bool(TerminalSession.objects.filter(pk=session_id, hub_channel=channel, ended_at__isnull=True)
+                .update(hub_seen_at=timezone.now()))
+
+
+def end_lost_session(session_id: Any) -> bool:
+    """The process owning the PTY is gone: end the session (server_lost; its participants hear it
+    through `session.ended`) and kill the shell it left running in the container."""
+    from environments import runtime
+
+    container_id = (TerminalSession.objects.filter(pk=session_id)
+                    .values_list("environment__container_id", flat=True).first())
+    if not mark_ended(session_id, EndReason.SERVER_LOST, None):
+        return False
+    if container_id:
+        try:
+            runtime.exec_run(container_id, kill_shell_command(session_id))
+        except runtime.EngineError as exc:
+            log.info("session %s: could not kill the orphaned shell: %s", session_id, exc)
+    log.info("session %s: its owner stopped renewing; ended as server_lost", session_id)
+    return True
+
+
+def reap_lost_sessions() -> list[str]:
+    """The worker's periodic job: end every live session whose owner stopped heart-beating."""
+    stale = TerminalSession.objects.filter(ended_at__isnull=True).exclude(hub_channel="").filter(
+        hub_seen_at__lt=timezone.now() - HUB_STALE_AFTER)
+    return [str(session_id) for session_id in stale.values_list("pk", flat=True) if end_lost_session(session_id)]
 
 
 def set_size(session_id: Any, cols: int, rows: int, user_id: int | None) -> None:

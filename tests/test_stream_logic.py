@@ -29,6 +29,10 @@ class Harness(TerminalConsumer):
         self.to_hub: list[str] = []
         self.frames: list[Any] = []
 
+    async def _resolve_hub(self) -> str:
+        self.resolved = getattr(self, "resolved", 0) + 1
+        return "hub"
+
     async def _to_hub(self, kind: str, **fields: Any) -> None:
         self.to_hub.append(kind)
 
@@ -81,7 +85,9 @@ def test_a_lost_snapshot_is_asked_for_again_after_the_retry_interval() -> None:
         await c._retry_lost_snapshot()  # the new request restarted the clock
         return c
 
-    assert asyncio.run(scenario()).to_hub == ["hub.snapshot"]
+    harness = asyncio.run(scenario())
+    assert harness.to_hub == ["hub.snapshot"]
+    assert harness.resolved == 1, "asks whoever owns the session now, not the channel it joined"
 
 
 def test_a_kicked_or_answered_participant_does_not_ask_again() -> None:
