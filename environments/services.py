@@ -1,4 +1,9 @@
-"""Every write to environments goes through here (Zulip style): verb-named, on_commit side effects."""
+"""The actions: every write to environments goes through here (Zulip style), verb-named.
+
+Each publishes its event in the same transaction (lsl_site.events), refuses with domain errors
+(lsl_site.errors), and asks environments.policy for the rules. Background work (provisioning,
+engine events, reconcile) is in provisioning.py, reconcile.py and worker.py, run by the worker.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +23,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
-from lsl_site.errors import InvalidInput
 
 from accounts.models import Profile, Team
 from environments import activity, identity, runtime, tasks
-from lsl_site import events
 from environments.models import (
     ROLE_CODENAMES,
     Environment,
@@ -37,6 +40,8 @@ from environments.models import (
 )
 from environments.policy import check_quota, may_use_host_network, resolve_mounts
 from environments.signals import environment_stopped
+from lsl_site import events
+from lsl_site.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
