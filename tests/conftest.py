@@ -195,6 +195,17 @@ class WorkerProcess:
         self.proc, self.log = fresh.proc, fresh.log
 
 
+def test_database_url() -> str:
+    """The URL of the database this test run uses (SQLite file or PostgreSQL test database), for subprocesses."""
+    from django.db import connection
+
+    settings_dict = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings_dict['NAME']}"
+    return (f"postgres://{settings_dict['USER']}:{settings_dict['PASSWORD']}@{settings_dict['HOST'] or 'localhost'}:"
+            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}")
+
+
 def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a server or worker process sharing the test database."""
     from django.db import connection
@@ -202,7 +213,7 @@ def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "lsl_site.settings",
-        "LSL_DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "LSL_DATABASE_URL": test_database_url(),
         "LSL_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),

@@ -90,7 +90,8 @@ def test_setup_deadline_is_enforced_by_the_worker(people: Any) -> None:
     final = wait_for_status(env.pk, {"error", "running"}, timeout=15)
     assert final.status == "error"
     assert "did not finish within" in final.last_error and "LSL_SETUP_TIMEOUT" in final.last_error
-    assert not runtime.container_state(final.container_id).running
+    # The reason is recorded first, then the container is stopped (which ends the hook).
+    wait_for(lambda: not runtime.container_state(final.container_id).running, 10, "the container to stop")
 
 
 @pytest.mark.parametrize(("command", "reason"), [("kill", "killed"), ("stop", "stopped")])
