@@ -287,8 +287,13 @@ def test_a_dropped_stream_resumes_where_it_left_off(people: Any, make_env: Any, 
     assert took <= API_BUDGET
     dashboard.wait(lambda d: d.execute_script("return window.lslEvents.state") == "live", timeout=5, what="live again")
     dashboard.wait(lambda d: d.execute_script("return window.lslEvents.refetches") == 1, timeout=5, what="one refetch")
-    refetched = dashboard.requests()[len(before):]
-    assert any("/api/v1/environments/" in url for url in refetched) and any("/api/v1/monitor/" in url for url in refetched), refetched
+
+    def refetched_both(_driver: Any) -> bool:
+        # A request shows in the resource timing buffer once its response is complete: wait for both.
+        refetched = dashboard.requests()[len(before):]
+        return any("/api/v1/environments/" in url for url in refetched) and any("/api/v1/monitor/" in url for url in refetched)
+
+    dashboard.wait(refetched_both, timeout=5, what="the refetch of environments and live sessions")
     assert dashboard.text("#dashboard-updated") == "live"
     assert dashboard.script_errors() == []
 
