@@ -103,8 +103,14 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
 
     def _on_event(self, record: events.EventRecord) -> None:
         """Called on the loop by the bus: must not block."""
-        if record.kind in VISIBILITY_KINDS and (self.user.pk in record.user_ids or record.kind == "environment.created"):
-            if self.visible is not None and record.environment_id not in self.visible:
+        if record.kind in VISIBILITY_KINDS and self.visible is not None:
+            # A grant given or taken, or a team joined or left, concerns the users it names. A new
+            # environment is visible to others than its owner only through its team (grants come
+            # later, as access.changed): other creations cost this client nothing.
+            concerns_me = record.kind != "environment.created" and self.user.pk in record.user_ids
+            new_for_my_team = (record.kind == "environment.created" and record.environment_id not in self.visible
+                               and (record.payload.get("environment") or {}).get("team"))
+            if concerns_me or new_for_my_team:
                 self._refresh_visibility()
         if self.overflowed:
             return
