@@ -152,7 +152,11 @@ class Worker:
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lsl-task")
         free = threading.Semaphore(self.threads)
         poll = settings.LSL_WORKER_POLL_INTERVAL
-        woken = wake.Listener("tasks")  # enqueue_provisioning wakes it: no waiting for the next poll
+        try:
+            woken: wake.Listener | None = wake.Listener("tasks")  # enqueue_provisioning wakes it at once
+        except OSError as exc:  # e.g. a var dir path too long for a Unix socket: polling still works
+            log.warning("no local wake-up socket for tasks (%s); polling every %gs", exc, poll)
+            woken = None
         wake.relay_redis_in_thread("tasks", self.stopping)
 
         def run(task_result: Any) -> None:
@@ -183,13 +187,17 @@ class Worker:
                 log.exception("claiming a task failed")
             if task_result is None:
                 free.release()
-                woken.wait(poll)
+                if woken is not None:
+                    woken.wait(poll)
+                else:
+                    self.stopping.wait(poll)
                 continue
             with self._busy_lock:
                 self.busy += 1
             pool.submit(run, task_result)
         pool.shutdown(wait=False)
-        woken.close()
+        if woken is not None:
+            woken.close()
 
     # --- engine events --------------------------------------------------------------------------
 

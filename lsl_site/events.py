@@ -37,7 +37,6 @@ from lsl_site import wake
 
 log = logging.getLogger(__name__)
 
-REDIS_CHANNEL = "lsl:events"
 GAP_WINDOW = 10.0  # seconds a missing id is looked for again
 FETCH_LIMIT = 500
 
@@ -259,7 +258,7 @@ class EventBus:
             client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1)
             try:
                 pubsub = client.pubsub()
-                await pubsub.subscribe(REDIS_CHANNEL)
+                await pubsub.subscribe(wake.redis_channel("events"))
                 self._redis_connected = True
                 backoff = 0.5
                 self._wake.set()  # anything published while we were away: read now
