@@ -139,7 +139,8 @@ def _fail(env: Environment, reason: str, **fields: Any) -> None:
 
 
 def _provision(env: Environment) -> None:
-    pulled: dict[str, Any] = dict(env.progress.get("pulled") and {"pulled": env.progress["pulled"]} or {})
+    # A resumed provisioning keeps the pull summary an earlier attempt recorded.
+    pulled: dict[str, Any] = {"pulled": env.progress["pulled"]} if env.progress.get("pulled") else {}
     # 1. image
     if not _with_engine_retry("inspecting the image", lambda: runtime.image_exists(env.image)):
         _progress(env, phase="pulling", image=env.image, current=0, total=0)
@@ -268,6 +269,9 @@ def ensure_identity(env: Environment, *, boot_wait: float = 5.0) -> dict[str, An
     return found
 
 
+_NOT_RUNNING = runtime.ContainerState(container_id="", environment_id="", status="removed")
+
+
 def _identity_from_boot_log(container_id: str, wait: float) -> dict[str, Any] | None:
     """The LSL-IDENTITY line the boot script printed, waiting up to `wait` seconds for it (it takes
     a few milliseconds after start); None if the log never shows one (then the caller execs)."""
@@ -279,9 +283,11 @@ def _identity_from_boot_log(container_id: str, wait: float) -> dict[str, Any] | 
         found = next((identity.parse_identity(line) for line in reversed(lines) if line.startswith(b"LSL-IDENTITY ")), None)
         if found is not None:
             return found
-        state = runtime.container_state(container_id) if delay >= 0.08 else None
-        if time.monotonic() > deadline or (state is not None and not state.running):
+        if time.monotonic() > deadline:
             return None
+        if delay >= 0.08 and not (runtime.container_state(container_id) or _NOT_RUNNING).running:
+            return None  # past the quick polls, a container that died will never print it
+
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
 

@@ -59,7 +59,7 @@ def _mark(env: Environment, status: str, reason: str, **fields: Any) -> None:
         extra: dict[str, Any] = {"stop_reason": reason} if status != Status.RUNNING else {"stop_reason": "", "started_at": now}
         if status != Status.RUNNING and previous == Status.RUNNING:
             extra["stopped_at"] = now
-        services._set_status(env, status, **extra, **fields)
+        services.set_status(env, status, **extra, **fields)
         if previous == Status.RUNNING and status != Status.RUNNING:
             transaction.on_commit(lambda: environment_stopped.send(
                 sender=Environment, environment=env, reason="missing" if status == Status.MISSING else "stopped"))

@@ -88,7 +88,8 @@ def publish_environment(env: Environment, kind: str = "environment.changed", fie
                    user_ids=[env.owner_id])
 
 
-def _set_status(env: Environment, status: str, **fields: Any) -> None:
+def set_status(env: Environment, status: str, **fields: Any) -> None:
+    """Save a new status (and fields) and publish the change; call inside the write's transaction."""
     env.status = status
     for key, value in fields.items():
         setattr(env, key, value)
@@ -294,7 +295,7 @@ def start_environment(env: Environment) -> Environment:
             ensure_identity(env)
         with transaction.atomic():
             now = timezone.now()
-            _set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", stop_reason="")
+            set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", stop_reason="")
     return env
 
 
@@ -308,7 +309,7 @@ def stop_environment(env: Environment, *, reason: str = "stopped") -> Environmen
         except runtime.ContainerNotFound:
             pass
         with transaction.atomic():
-            _set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason)
+            set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason)
     return env
 
 
@@ -318,7 +319,7 @@ def restart_environment(env: Environment) -> Environment:
         environment_stopped.send(sender=Environment, environment=env, reason="restarted")
         runtime.restart_container(container_id)
         with transaction.atomic():
-            _set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", stop_reason="")
+            set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", stop_reason="")
     return env
 
 

@@ -208,8 +208,6 @@ def test_database_url() -> str:
 
 def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a server or worker process sharing the test database."""
-    from django.db import connection
-
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "lsl_site.settings",
