@@ -14,6 +14,12 @@ COPY frontend/build.mjs ./
 COPY frontend/src ./src
 RUN node build.mjs
 
+# --- the session keeper: one static binary, copied into every environment ---------
+FROM debian:bookworm-slim AS keeper
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+COPY environments/keeper/keeper.c scripts/build_keeper.sh /src/
+RUN gcc -static -O2 -Wall -Wextra -Werror -o /src/lsl-keeper /src/keeper.c && strip /src/lsl-keeper
+
 # --- application source, without local build/dev leftovers ----------------------
 # Only what the server needs is copied (so the local .venv, var/ with its
 # secret key and SQLite DB, .git, node_modules never reach the image).
@@ -42,6 +48,7 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 COPY --from=source /src /app
 COPY --from=assets /src/frontend/static/frontend/dist /app/frontend/static/frontend/dist
+COPY --from=keeper /src/lsl-keeper /app/environments/keeper/lsl-keeper
 # var/: generated secret key (unless LSL_SECRET_KEY is set), SQLite fallback DB.
 RUN mkdir -p /var/lib/lsl
 VOLUME /var/lib/lsl

@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help venv assets migrate run images engine bench test clean distclean
+KEEPER := environments/keeper/lsl-keeper
+
+.PHONY: help venv assets keeper migrate run images engine bench test clean distclean
 
 help:
 	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/ (web + worker)"
@@ -22,7 +24,7 @@ help:
 	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
 	@echo "make engine     start a Docker engine if none is reachable (needs root)"
 	@echo "make bench      terminal latency/throughput and create-to-prompt benchmarks"
-	@echo "make venv | assets | migrate | clean | distclean"
+	@echo "make venv | assets | keeper | migrate | clean | distclean"
 
 # --- Python -------------------------------------------------------------------
 venv: $(VENV_STAMP)
@@ -44,11 +46,17 @@ $(ASSETS_STAMP): $(NPM_STAMP) frontend/build.mjs $(wildcard frontend/src/*.js)
 	cd frontend && node build.mjs
 	@touch $@
 
+# --- The session keeper (a static binary copied into every environment) ------------
+keeper: $(KEEPER)
+
+$(KEEPER): environments/keeper/keeper.c scripts/build_keeper.sh
+	bash scripts/build_keeper.sh
+
 # --- Server -------------------------------------------------------------------
 migrate: venv
 	$(VPY) manage.py migrate --noinput
 
-run: venv assets migrate
+run: venv assets keeper migrate
 	$(VPY) manage.py lsl_apply catalog/default.yaml
 	$(VPY) manage.py lsl_ensure_admin
 	@docker info >/dev/null 2>&1 || echo "LSL needs a running Docker engine: start one with 'sudo dockerd &' (or 'bash scripts/engine.sh')"
@@ -62,15 +70,15 @@ images:
 	bash scripts/build_test_images.sh
 
 # --- Checks -------------------------------------------------------------------
-test: venv assets
+test: venv assets keeper
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-bench: venv
+bench: venv keeper
 	$(VPY) bench/terminal.py
 	$(VPY) bench/create.py
 
 clean:
-	rm -rf frontend/static/frontend/dist frontend/node_modules .pytest_cache
+	rm -rf frontend/static/frontend/dist frontend/node_modules .pytest_cache $(KEEPER)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Also drops the virtualenv and the cached Debian rootfs (keeps var/ data).

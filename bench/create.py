@@ -709,7 +709,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], f
             ("`running` event received on /ws/events/", "post_answered", "running_event"),
             ("POST .../sessions/ answered", "running_event", "session_answered"),
             ("session websocket handshake", "session_answered", "ws_open"),
-            ("`hello` (hub started: exec of the shell opened)", "ws_open", "hello"),
+            ("`hello` (hub started: shell opened in the keeper)", "ws_open", "hello"),
             ("first terminal bytes", "hello", "first_bytes"),
             ("prompt seen", "first_bytes", "prompt"),
         ])))

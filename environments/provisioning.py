@@ -28,7 +28,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Profile
-from environments import identity, runtime, services
+from environments import identity, keeper, runtime, services
 from environments.models import Environment, SetupStatus, Status
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ def _provision(env: Environment) -> None:
     if state is not None and state.status in ("dead", "removing"):
         _with_engine_retry("removing a broken container", lambda: runtime.remove_container(state.container_id))
         state = None
+    if state is None:
+        _with_engine_retry("preparing the session keeper", lambda: keeper.ensure_volume(env.image))
     container_id = state.container_id if state is not None else _with_engine_retry(
         "creating the container", lambda: runtime.create_container(spec))
     if not Environment.objects.filter(pk=env.pk, status=Status.CREATING).update(container_id=container_id):

@@ -7,8 +7,10 @@ else in LSL needs to know about `docker`.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
+import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -465,6 +467,53 @@ def exec_run(container_id: str, cmd: list[str], *, user: str = "", workdir: str 
         output = api.exec_start(exec_id, stream=False, demux=False) or b""
         code = _wait_exit_code(api, exec_id)  # the output can end a moment before the exec is reaped
     return ExecResult(exit_code=code, output=output)
+
+
+def exec_detached(container_id: str, cmd: list[str], *, user: str = "") -> None:
+    """Start a command in the background (`docker exec -d`) and return at once."""
+    with _guard("starting a background command"):
+        api = _client().api
+        exec_id = api.exec_create(container_id, cmd, user=user, stdout=False, stderr=False)["Id"]
+        api.exec_start(exec_id, detach=True)
+
+
+def copy_into(container_id: str, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write files (absolute path -> (content, mode)) into a container, created or running, as root.
+
+    Through the engine's archive API, so it works the same for a remote engine as for a local one.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        made: set[str] = set()
+        for path, (content, mode) in sorted(files.items()):
+            parts = path.strip("/").split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    made.add(directory)
+                    info = tarfile.TarInfo(directory)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            info = tarfile.TarInfo("/".join(parts))
+            info.size, info.mode = len(content), mode
+            tar.addfile(info, io.BytesIO(content))
+    with _guard("copying files into the container"):
+        _client().api.put_archive(container_id, "/", buffer.getvalue())
+
+
+def fill_volume(name: str, image: str, files: dict[str, tuple[bytes, int]], *, labels: dict[str, str]) -> None:
+    """Create a volume holding `files` (name -> (content, mode)) at its root, through a container that
+    is created (never started) from `image` just to copy them in; works on a remote engine too."""
+    with _guard("filling a volume"):
+        api = _client().api
+        # Only the given labels: such a volume is shared by every LSL on the engine, like an image.
+        api.create_volume(name=name, labels={LABEL_MANAGED: "1", **labels})
+        helper = api.create_container(image, command=["true"], labels=_instance_labels(),
+                                      host_config=api.create_host_config(binds={name: {"bind": "/lsl-fill", "mode": "rw"}}))
+    try:
+        copy_into(helper["Id"], {f"/lsl-fill/{path}": content for path, content in files.items()})
+    finally:
+        remove_container(helper["Id"])
 
 
 def exec_stream(container_id: str, cmd: list[str], *, user: str = "", workdir: str | None = None,

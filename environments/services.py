@@ -25,7 +25,7 @@ from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
 
 from accounts.models import Profile, Team
-from environments import activity, identity, runtime, tasks
+from environments import activity, identity, keeper, runtime, tasks
 from environments.models import (
     ROLE_CODENAMES,
     Environment,
@@ -58,14 +58,15 @@ def container_spec(env: Environment) -> runtime.ContainerSpec:
         pids=env.pids,
         network_mode=env.network_mode,
         workspace_volume=env.workspace_volume,
-        binds=[runtime.Mount(m["source"], m["target"], bool(m.get("read_only")), m.get("type", "bind")) for m in env.mounts],
+        binds=[runtime.Mount(m["source"], m["target"], bool(m.get("read_only")), m.get("type", "bind")) for m in env.mounts]
+        + [keeper.volume_mount()] + ([mount] if (mount := keeper.container_mount(env.id)) is not None else []),
         env={str(k): str(v) for k, v in (env.template.env or {}).items()},
         # sudo is a setuid program: it cannot work under no-new-privileges. A template that allows sudo
         # trades that hardening for it (capabilities stay limited to DEV_SHELL_CAPABILITIES either way).
         no_new_privileges=not env.template.allow_sudo,
         command=identity.boot_command(Profile.for_user(env.owner), shell=env.template.shell or "/bin/sh",
                                       sudo=env.template.allow_sudo, owned_dirs=[runtime.WORKSPACE_PATH],
-                                      keepalive=runtime.KEEPALIVE_COMMAND),
+                                      keepalive=keeper.serve_command()),
     )
 
 
@@ -156,13 +157,30 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
             )
             if req.team is not None:
                 # A team environment is usable by its team: members get the member role.
-                for codename in Role.MEMBER.codenames:
-                    assign_perm(f"environments.{codename}", req.team.group, env)
+                _grant_new_environment(env, req.team.group, Role.MEMBER)
+            # The task commits with the row (one commit for both), and the worker is woken first.
+            tasks.enqueue_provisioning(env_id)
             publish_environment(env, "environment.created")
-            transaction.on_commit(lambda: tasks.enqueue_provisioning(env_id))
     except IntegrityError:
         raise InvalidInput({"name": [f"you already have an environment named {req.name!r}"]}) from None
     return env
+
+
+def _grant_new_environment(env: Environment, group: Any, role: Role) -> None:
+    """assign_perm of each of `role`'s codenames to `group` on a just-created `env`, in two queries:
+    a new row has no grants yet, so guardian's get_or_create per permission has nothing to find."""
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+
+    codenames = role.codenames
+    permissions = list(Permission.objects.filter(content_type=ContentType.objects.get_for_model(Environment),
+                                                 codename__in=codenames))
+    if len(permissions) != len(codenames):  # not migrated: let guardian raise its usual error
+        for codename in codenames:
+            assign_perm(f"environments.{codename}", group, env)
+        return
+    EnvironmentGroupObjectPermission.objects.bulk_create(
+        [EnvironmentGroupObjectPermission(permission=permission, group=group, content_object=env) for permission in permissions])
 
 
 def _create_mount_sources(mounts: list[dict[str, Any]], profile: Profile) -> dict[str, list[str]]:
@@ -182,7 +200,10 @@ def _create_mount_sources(mounts: list[dict[str, Any]], profile: Profile) -> dic
 def _lock_quota_subjects(owner: AbstractBaseUser, team: Team | None) -> None:
     """Serialise quota checks per user and team (PostgreSQL row locks; SQLite transactions are already serial)."""
     from django.contrib.auth import get_user_model
+    from django.db import connection
 
+    if not connection.features.has_select_for_update:
+        return  # SQLite: the write transaction (BEGIN IMMEDIATE) is the lock; a SELECT would only cost time
     list(get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True))
     if team is not None:
         list(Team.objects.select_for_update().filter(pk=team.pk).values_list("pk", flat=True))
@@ -284,6 +305,7 @@ def start_environment(env: Environment) -> Environment:
             stale = runtime.find_environment_container(str(env.id), spec.name)
             if stale is not None:
                 runtime.remove_container(stale.container_id)
+            keeper.ensure_volume(env.image)
             env.container_id = runtime.create_container(spec)
             env.identity = {}  # a new container has no user yet
             env.save(update_fields=["container_id", "identity", "updated_at"])
@@ -336,6 +358,7 @@ def delete_environment(env: Environment, *, purge: bool = False) -> None:
                 runtime.remove_container(stale.container_id)
         if purge and env.workspace_volume:
             runtime.remove_volume(env.workspace_volume)
+        keeper.remove_host_dir(env.id)
         with transaction.atomic():
             payload = environment_payload(env)
             env_id, owner_id = env.pk, env.owner_id

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import connection, connections
 from django.utils import timezone
 
 from environments import metrics, provisioning, reconcile, runtime, services, tasks
@@ -78,6 +78,38 @@ PERIODIC: list[Periodic] = [
     Periodic("prune_events", lambda: 300.0, lambda: events.prune(settings.LSL_EVENT_RETENTION)),
     Periodic("prune_task_results", lambda: 3600.0, _prune_task_results),
 ]
+
+
+def refresh_connections() -> None:
+    """The worker's close_old_connections(): called at the top of each round of a thread's loop, it
+    keeps the thread's connection open instead of closing it.
+
+    With CONN_MAX_AGE=0 (right for daphne, whose requests each run in a context of their own),
+    close_old_connections() closes every connection, so each round opened a new one: about a
+    millisecond on SQLite, more on PostgreSQL, paid twice (claim, then the task's thread) between a
+    task being queued and the worker starting it. The worker's threads live as long as it does, so
+    each keeps one. As with close_old_connections(), a connection left outside autocommit or that
+    saw an error and no longer answers is closed (the next query opens a new one); and a kept one
+    is checked (is_usable: free on SQLite, `SELECT 1` on PostgreSQL) before its next use, as
+    CONN_HEALTH_CHECKS does, so a restarted database server costs a reconnect, not a failed round.
+    """
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is None:
+            continue
+        try:
+            keep = conn.get_autocommit() == conn.settings_dict["AUTOCOMMIT"] and (
+                not conn.errors_occurred or conn.is_usable())
+        except Exception:
+            keep = False
+        if not keep:
+            try:
+                conn.close()  # leaves conn.connection None even when closing fails
+            except Exception:
+                pass
+            continue
+        conn.errors_occurred = False
+        conn.health_check_enabled = True  # reset from the settings on every connect
+        conn.health_check_done = False
 
 
 def register_periodic(job: Periodic) -> None:
@@ -138,7 +170,9 @@ class Worker:
         """One thread polls and claims; up to `threads` tasks run at once on a pool.
 
         Polling is a cheap read (`exists`) every LSL_WORKER_POLL_INTERVAL; only when something is
-        ready does it take the claim transaction, which on SQLite holds the write lock.
+        ready does it take the claim transaction, which on SQLite holds the write lock. A wake-up
+        means a task was just queued (committed): it goes straight to the claim, skipping the read.
+        The claimer and the pool's threads keep their database connections (refresh_connections).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -161,21 +195,22 @@ class Worker:
 
         def run(task_result: Any) -> None:
             try:
+                refresh_connections()
                 runner.run_task(task_result)
             finally:
-                connection.close()
                 with self._busy_lock:
                     self.busy -= 1
                 free.release()
 
+        woke = False  # the last wait ended with a wake-up (enqueue_provisioning's)
         while not self.stopping.is_set():
             if not free.acquire(timeout=poll):
                 continue  # every runner is busy: claim nothing, leave it to other workers
             task_result = None
             try:
-                close_old_connections()
+                refresh_connections()
                 ready = DBTaskResult.objects.ready().filter(backend_name="default")
-                if ready.exists():
+                if woke or ready.exists():
                     with exclusive_transaction(ready.db):
                         task_result = ready.get_locked()
                         if task_result is not None:
@@ -185,10 +220,11 @@ class Worker:
                     log.warning("claiming a task failed: %s", exc)
             except Exception:
                 log.exception("claiming a task failed")
+            woke = False  # after a claim, look again (a burst) with the read: it takes no write lock
             if task_result is None:
                 free.release()
                 if woken is not None:
-                    woken.wait(poll)
+                    woke = woken.wait(poll)
                 else:
                     self.stopping.wait(poll)
                 continue
@@ -205,14 +241,14 @@ class Worker:
         backoff = 0.5
         tracker = reconcile.EngineEventTracker()
         while not self.stopping.is_set():
-            close_old_connections()
+            refresh_connections()
             try:
                 stream = runtime.container_events()  # subscribed before the reconcile: nothing falls between
                 changed = reconcile.reconcile()
                 log.info("engine watcher: connected; reconcile changed %d environments", len(changed))
                 backoff = 0.5
                 for event in stream:
-                    close_old_connections()
+                    refresh_connections()
                     try:
                         tracker.apply(event)
                     except Exception:
@@ -234,7 +270,7 @@ class Worker:
             if interval <= 0:
                 self.stopping.wait(30.0)
                 continue
-            close_old_connections()
+            refresh_connections()
             try:
                 if claim_periodic(job.name, interval, self.worker_id):
                     result = job.run()

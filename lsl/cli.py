@@ -906,6 +906,9 @@ def shell(environment: str, session_id: str | None, new: bool, read_only: bool) 
 
     Everyone attached sees the same screen. Type Enter ~ . to detach and leave
     the shell running for the others; the session's exit code becomes lsl's.
+    If the connection drops (a server restart, a network outage), lsl
+    reconnects by itself and redraws the screen; it gives up after 120 s
+    (exit 6).
 
     \b
     Examples:

@@ -12,7 +12,7 @@ Exit codes:
   3  not logged in, bad or revoked token, permission denied
   4  not found (environment, session, user...)
   5  conflict (e.g. the environment is not running)
-  6  server unreachable
+  6  server unreachable (lsl shell: lost, and not back within 120 s)
   7  server error
   lsl exec and lsl shell exit with the remote command's own code.
 Errors are one line on stderr ("lsl: error: ..."); --debug adds the traceback."""

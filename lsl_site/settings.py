@@ -205,6 +205,20 @@ LSL_SESSION_RECORD_INPUT = env_bool("LSL_SESSION_RECORD_INPUT", False)
 # client's jitter is absorbed while a stalled one costs a bounded 4 MiB.
 LSL_SESSION_WINDOW = env_int("LSL_SESSION_WINDOW", 4 * 1024 * 1024, minimum=4096)
 LSL_SESSION_STALL_TIMEOUT = env_float("LSL_SESSION_STALL_TIMEOUT", 60.0, minimum=1)
+# Server-side lag bound: output that waited longer than this in the server's own queues is skipped
+# and the participant redrawn from a snapshot (a `lagging` frame says so); more than
+# LSL_SESSION_MAX_LAG_RESYNCS of those in a minute and it is closed with `too_slow`.
+LSL_SESSION_MAX_LAG = env_float("LSL_SESSION_MAX_LAG", 2.0, minimum=0.1)
+LSL_SESSION_MAX_LAG_RESYNCS = env_int("LSL_SESSION_MAX_LAG_RESYNCS", 10, minimum=1)
+# The session keeper (environments/keeper.py): shells live in it, inside each container, so they
+# outlive the server. Its socket's directory is bind-mounted from LSL_KEEPER_DIR/<env>/ when set
+# (the fast path, for an engine on this host); empty: reach it only through `docker exec`.
+LSL_KEEPER_BINARY = Path(env_str("LSL_KEEPER_BINARY", str(BASE_DIR / "environments" / "keeper" / "lsl-keeper")))
+LSL_KEEPER_DIR = env_str("LSL_KEEPER_DIR", str(VAR_DIR / "k"))
+LSL_KEEPER_RING = env_int("LSL_KEEPER_RING", 2 * 1024 * 1024, minimum=4096)  # output bytes kept per session for a reattaching server
+# A session whose server died and to which nobody came back within this many seconds is ended
+# (server_lost) and its shell killed; until then it survives, so a restart loses nothing.
+LSL_SESSION_REATTACH_GRACE = env_float("LSL_SESSION_REATTACH_GRACE", 120.0, minimum=0)
 LSL_WS_BASE_URL = env_str("LSL_WS_BASE_URL")  # empty: derived from the request
 LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
 

@@ -86,23 +86,43 @@ def notify(topic: str) -> None:
         _notify_redis(topic)
 
 
+_sender_lock = threading.Lock()
+_sender: socket.socket | None = None
+
+
+def _sending_socket() -> socket.socket:
+    """One unbound datagram socket per process for every notify (sendto is thread-safe): a wake-up
+    is on the path of every write a user waits for, so it costs as few system calls as it can."""
+    global _sender
+    if _sender is None:
+        with _sender_lock:
+            if _sender is None:
+                sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sender.setblocking(False)
+                _sender = sender
+    return _sender
+
+
 def _notify_local(topic: str) -> None:
-    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sender.setblocking(False)
+    prefix = f"{topic}-"
     try:
-        for path in _dir().glob(f"{topic}-*.sock"):
-            try:
-                sender.sendto(b"1", str(path))
-            except (BlockingIOError, InterruptedError):
-                pass  # its buffer is full of wake-ups it has not read: it is awake
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                    try:
-                        path.unlink()  # its process died without cleaning up
-                    except FileNotFoundError:
-                        pass
-    finally:
-        sender.close()
+        entries = list(os.scandir(Path(settings.VAR_DIR) / "wake"))
+    except FileNotFoundError:
+        return  # no wake directory yet: nobody listens
+    sender = _sending_socket()
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".sock")):
+            continue
+        try:
+            sender.sendto(b"1", entry.path)
+        except (BlockingIOError, InterruptedError):
+            pass  # its buffer is full of wake-ups it has not read: it is awake
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                try:
+                    os.unlink(entry.path)  # its process died without cleaning up
+                except FileNotFoundError:
+                    pass
 
 
 _redis_lock = threading.Lock()

@@ -16,3 +16,11 @@ class TerminalSessionsConfig(AppConfig):
         from environments.worker import Periodic, register_periodic
 
         register_periodic(Periodic("reap_lost_sessions", lambda: 2.0, services.reap_lost_sessions))
+        from lsl_site import shutdown
+
+        async def release_terminals() -> None:
+            from sessions.consumers import graceful_shutdown
+
+            await graceful_shutdown()
+
+        shutdown.register(release_terminals)

@@ -11,11 +11,13 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from typing import Any
 from urllib.parse import parse_qs
 
 from autobahn.exception import Disconnected
 from channels.db import database_sync_to_async
+from channels.exceptions import ChannelFull
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -23,6 +25,7 @@ from environments.models import Environment, Role
 from environments.permissions import role_for
 from lsl_site import events
 from sessions import services
+from sessions import hub as hubs
 from sessions.hub import ensure_hub
 from sessions.models import AuditKind, ClientKind, TerminalSession
 
@@ -32,6 +35,23 @@ WATCH_EVERY = 2.0  # stalled participants and lost snapshots are looked at this 
 HUB_EXIT_GRACE = 1.0  # seconds a `session.ended` event waits for the hub's own exit frame
 SNAPSHOT_RETRY = 5.0  # a snapshot request unanswered this long (its answer was dropped) is repeated
 ROLE_DENIED_AUDIT_EVERY = 5.0
+# Close codes for "reconnect": RFC 6455's 1012 (service restart) and 1013 (try again later) in the
+# application range, because autobahn (daphne) lets a server send only 1000 or 3000-4999.
+CLOSE_RESTARTING = 4012
+CLOSE_TRY_AGAIN = 4013  # the channel layer (Redis) is down
+
+# This process's terminal consumers, for graceful shutdown.
+LIVE: "weakref.WeakSet[TerminalConsumer]" = weakref.WeakSet()
+
+
+async def graceful_shutdown() -> None:
+    """SIGTERM: hand every session this process serves back (the shells keep running in their keepers;
+    participants on other processes follow the session to its next owner), then tell this process's
+    participants why they are being disconnected, so their clients reconnect at once."""
+    await hubs.release_all()
+    for consumer in list(LIVE):
+        await consumer._error("server_restarting", "the server is restarting; your shell keeps running: reconnect")
+        await consumer.close(code=CLOSE_RESTARTING)
 
 
 def _size(value: Any, default: int | None = None) -> int | None:
@@ -104,7 +124,12 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
             return
         self.group_name = session.group_name
-        await self.channel_layer.group_add(self.group_name, self.channel_name)
+        try:
+            await self.channel_layer.group_add(self.group_name, self.channel_name)
+        except Exception as exc:
+            self.hub_channel = None
+            await self.layer_down({"detail": str(exc) or exc.__class__.__name__})
+            return
         remote = self.scope.get("client") or ["", 0]
         participation = await database_sync_to_async(services.join)(
             self.session_id, user, role.label, self.client_kind, str(remote[0] or ""))
@@ -115,8 +140,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                                "cols": session.cols, "rows": session.rows, "window": self.window})
         self.awaiting_snapshot = True
         self.snapshot_requested_at = time.monotonic()
-        await self._to_hub("hub.join", user_id=user.pk, username=user.get_username(), role=role.label,
-                           client=self.client_kind, participation_id=self.participation_id, cols=cols, rows=rows)
+        self.size = (cols, rows)
+        LIVE.add(self)
+        await self._join_hub()
         # Access changes arrive as events (a grant revoked, a team membership changed): the role
         # is re-checked then, once, instead of polling the database per participant.
         self._recheck: asyncio.Task[None] | None = None
@@ -147,7 +173,61 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     def can_write(self) -> bool:
         return self.role is not None and self.role >= Role.MEMBER
 
+    # The channel layer (Redis) going away must not kill the consumer with a traceback (1011, no
+    # reason): channels' dispatch loop reads `channel_receive`, so its failures are turned into one
+    # `layer.down` message, which tells the participant why and closes with 1013 (try again later);
+    # clients reconnect with backoff and are resynced once the layer is back.
+    @property
+    def channel_receive(self) -> Any:
+        return self._guarded_channel_receive
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Any) -> None:
+        self._raw_channel_receive = receive
+
+    async def _guarded_channel_receive(self) -> dict[str, Any]:
+        try:
+            return await self._raw_channel_receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if getattr(self, "_layer_down", False):
+                await asyncio.sleep(3600)  # already reported and closing: do not spin
+            self._layer_down = True
+            return {"type": "layer.down", "detail": str(exc) or exc.__class__.__name__}
+
+    async def layer_down(self, event: dict[str, Any]) -> None:
+        log.warning("session %s: channel layer unavailable for %s: %s", getattr(self, "session_id", "?"),
+                    self.channel_name, event.get("detail"))
+        await self._error("unavailable", "the server's message bus (Redis) is unavailable; reconnecting will resume "
+                                         "the session once it is back (your shell keeps running)")
+        await self.close(code=CLOSE_TRY_AGAIN)
+
+    async def _join_hub(self) -> None:
+        assert self.role is not None
+        cols, rows = self.size
+        await self._to_hub("hub.join", user_id=self.user.pk, username=self.user.get_username(), role=self.role.label,
+                           client=self.client_kind, participation_id=self.participation_id, cols=cols, rows=rows)
+
+    async def _follow_session(self) -> None:
+        """The session may have changed owner (the old one died or shut down): find the current one
+        (taking the session over here if nobody serves it), join it and redraw from a snapshot."""
+        try:
+            channel = await self._resolve_hub()
+        except LookupError as exc:
+            ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
+            await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
+            return
+        if channel != self.hub_channel:
+            log.info("session %s: %s follows the session to %s", self.session_id, self.channel_name, channel)
+            self.hub_channel = channel
+            if self.participation_id is not None:
+                await database_sync_to_async(services.rejoin)(self.participation_id)
+            await self._join_hub()
+        await self._request_snapshot()
+
     async def disconnect(self, code: int) -> None:
+        LIVE.discard(self)
         if getattr(self, "_bus_key", None) is not None:
             self._bus.unsubscribe(self._bus_key)
             self._bus_key = None
@@ -155,7 +235,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if watchdog is not None:
             watchdog.cancel()
         if self.hub_channel is not None:
-            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(self.group_name, self.channel_name)
+            except Exception as exc:
+                log.info("session %s: group_discard failed: %s", self.session_id, exc)
             await self._to_hub("hub.leave")
         if self.participation_id is not None:
             await database_sync_to_async(services.leave)(self.participation_id)
@@ -212,6 +295,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def term_output(self, event: dict[str, Any]) -> None:
         offset, data = event["offset"], event["data"]
+        lag = time.time() - event.get("t", time.time())
+        if lag > settings.LSL_SESSION_MAX_LAG and not self.awaiting_snapshot and self.expected_offset is not None:
+            await self._on_lag(lag)
+            return
         if self.awaiting_snapshot or self.expected_offset is None:
             # The snapshot on its way was taken at some offset we don't know yet:
             # keep what arrives meanwhile (bounded) and replay the part past it.
@@ -246,6 +333,20 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.sent += len(data)
         await self.send(bytes_data=data)
 
+    async def _on_lag(self, lag: float) -> None:
+        """This output waited longer than the bound in the server's own queues (a saturated process,
+        not the client): skip what is queued and redraw from a snapshot; past a limit, give up."""
+        now = time.monotonic()
+        self.lag_resyncs = [t for t in getattr(self, "lag_resyncs", []) if now - t < 60] + [now]
+        log.info("session %s: %s is %.1fs behind; resyncing", self.session_id, self.channel_name, lag)
+        if len(self.lag_resyncs) > settings.LSL_SESSION_MAX_LAG_RESYNCS:
+            self.kicked = True
+            self.awaiting_snapshot = True  # send nothing more
+            await self._kick_slow()
+            return
+        await self._send_json({"type": "lagging", "seconds": round(lag, 1)})
+        await self._request_snapshot()
+
     async def _request_snapshot(self) -> None:
         self.awaiting_snapshot = True
         self.snapshot_requested_at = time.monotonic()
@@ -267,13 +368,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         """
         if self.awaiting_snapshot and not self.kicked and time.monotonic() - self.snapshot_requested_at > SNAPSHOT_RETRY:
             log.info("session %s: no snapshot for %s yet, asking again", self.session_id, self.channel_name)
-            try:
-                self.hub_channel = await self._resolve_hub()
-            except LookupError as exc:
-                ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
-                await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
-                return
-            await self._request_snapshot()
+            await self._follow_session()
 
     async def _resolve_hub(self) -> str:
         """The channel of the session's current owner (starting one here if it has none)."""
@@ -316,6 +411,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if record.kind == "session.ended" and record.session_id == self.session_id:
             asyncio.create_task(self._exit_unless_hub_does(record.payload.get("exit_code"), record.payload.get("reason")))
             return
+        if record.kind == "session.detached" and record.session_id == self.session_id and not self.kicked:
+            asyncio.create_task(self._follow_session())
+            return
         concerns_us = (record.kind == "access.changed" and record.environment_id == str(self.environment_id)) or \
             (record.kind == "team.changed" and self.user.pk in record.user_ids)
         if concerns_us and (self._recheck is None or self._recheck.done()):
@@ -347,7 +445,20 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def _to_hub(self, kind: str, **fields: Any) -> None:
         if self.hub_channel is not None:
-            await self.channel_layer.send(self.hub_channel, {"type": kind, "channel": self.channel_name, **fields})
+            try:
+                await self.channel_layer.send(self.hub_channel, {"type": kind, "channel": self.channel_name, **fields})
+            except asyncio.CancelledError:
+                raise
+            except ChannelFull:
+                if kind == "hub.input":
+                    await self._error("busy", "the terminal is not keeping up with input; this input was dropped")
+                return
+            except Exception as exc:  # the layer down: the hub never hears it
+                if kind in ("hub.leave",):
+                    return  # leaving anyway; the hub's idle timer and the reaper cover it
+                if not getattr(self, "_layer_down", False):
+                    self._layer_down = True
+                    await self.layer_down({"detail": str(exc) or exc.__class__.__name__})
 
     async def _send_json(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload))

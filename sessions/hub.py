@@ -1,11 +1,16 @@
-"""The process-side owner of one session's PTY.
+"""The process-side owner of one session's terminal.
 
 Exactly one Hub per live session, in whichever daphne process claimed it
-(`services.claim_hub`). It reads the exec socket, keeps the screen model and
-the recording, and fans output out to every participant through the channel
-layer group `term.<id>`; participants anywhere reach it through its own channel
-(`hub.join`, `hub.input`, `hub.resize`, ...). Every output chunk carries its
-stream offset so consumers can detect loss and ask for a resync.
+(`services.claim_hub`). The shell and its PTY live in the environment's session keeper
+(environments/keeper.py), not here: the hub attaches to it, keeps the screen model and the
+recording, and fans output out to every participant through the channel layer group
+`term.<id>`; participants anywhere reach it through its own channel (`hub.join`, `hub.input`,
+`hub.resize`, ...). Every output chunk carries its stream offset (the keeper's, so it survives a
+change of owner) so consumers can detect loss and ask for a resync.
+
+When this process dies or shuts down, the shell keeps running in the keeper; the next process a
+participant reaches takes the session over (`claim_hub` says "taken_over"), attaches again and
+rebuilds the screen from the output the keeper kept.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from environments import runtime
+from environments import keeper, runtime
 from environments.services import shell_session_identity
 from lsl_site import events
 from sessions import services
@@ -39,7 +44,6 @@ DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-doc
 # Terminal emulation is CPU-bound Python; one thread keeps it ordered per process.
 SCREEN_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsl-screen")
 
-READ_SIZE = 256 * 1024
 # After passing on a chunk of at least BATCH_FROM bytes, the reader waits
 # OUTPUT_BATCH before reading again. The engine hands over a flood in ~4 KiB
 # pieces; read as they come, that is thousands of channel messages a second, more
@@ -80,19 +84,26 @@ class Member:
 
 
 class Hub:
-    def __init__(self, session: TerminalSession, container_id: str, channel: str) -> None:
+    def __init__(self, session: TerminalSession, container_id: str, channel: str, *, takeover: bool) -> None:
         self.session_id = str(session.pk)
+        self.environment_id = str(session.environment_id)
         self.group = session.group_name
         self.container_id = container_id
         self.channel = channel
-        self.command = services.session_command(session.pk, session.command[0] if session.command else "/bin/sh")
+        self.takeover = takeover  # the shell exists already: attach to it, never start a new one
+        self.command = list(session.command) or ["/bin/sh"]
         self.cols, self.rows = session.cols, session.rows
         self.layer = get_channel_layer()
         self.screen = ScreenState(self.cols, self.rows)
-        self.recorder = Recorder(self.session_id, self.cols, self.rows, title=session.environment_name)
+        self.recorder = Recorder(self.session_id, self.cols, self.rows, title=session.environment_name,
+                                 started_at=session.created_at.timestamp())
         self.members: dict[str, Member] = {}
         self.offset = 0
-        self.exec: runtime.ExecSocket | None = None
+        self.record_from = 0  # output before this offset was recorded by an earlier owner
+        self.link: keeper.KeeperLink | None = None
+        self.exit_code: int | None = None
+        self.superseded = False  # another process took the session over (or fenced us): stop quietly
+        self._layer_down_since: float | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.finished = asyncio.Event()
         self.end_reason: str | None = None
@@ -109,9 +120,22 @@ class Hub:
 
     async def start(self) -> None:
         user, user_env = await database_sync_to_async(shell_session_identity)(self.container_id)  # the environment user
-        self.exec = await in_docker_thread(runtime.exec_open_tty, self.container_id, self.command,
-                                           cols=self.cols, rows=self.rows, workdir=runtime.WORKSPACE_PATH, user=user, environment=user_env)
-        self.exec.sock.setblocking(False)
+        uid, _, gid = (user or "0:0").partition(":")
+        request = keeper.open_request(
+            self.session_id, argv=self.command, uid=int(uid), gid=int(gid or uid), cwd=runtime.WORKSPACE_PATH,
+            env={"TERM": "xterm-256color", **user_env}, cols=self.cols, rows=self.rows, from_offset=0,
+            create=not self.takeover)
+        self.link, hello = await keeper.open_link(self.container_id, self.environment_id, in_docker_thread, request)
+        # The stream goes on at the keeper's offsets. Taking over, the keeper replays what it kept
+        # (the last LSL_KEEPER_RING bytes) and the screen is rebuilt from it; the recording goes on
+        # from what was new.
+        self.offset = hello.sent_from
+        self.record_from = hello.end if self.takeover else 0
+        if self.takeover:
+            log.info("session %s: taken over (keeper at %d, replaying from %d%s)", self.session_id, hello.end,
+                     hello.sent_from, ", earlier output is gone" if hello.sent_from > 0 else "")
+            self.cols, self.rows = hello.cols, hello.rows
+            self.screen.resize(hello.cols, hello.rows)
         HUBS[self.session_id] = self
         # Whoever ends the session (a user, a stopped environment, the worker), in whichever
         # process, records it and publishes `session.ended`; the owner hangs up when it hears it.
@@ -122,26 +146,72 @@ class Hub:
         self._arm_idle_timer()
 
     async def _read_pty(self) -> None:
-        assert self.exec is not None
-        loop = asyncio.get_running_loop()
-        sock = self.exec.sock
-        try:
-            while True:
-                data = await loop.sock_recv(sock, READ_SIZE)
-                if not data:
-                    break
-                start = self.offset
-                self.offset += len(data)
+        assert self.link is not None
+        while True:
+            try:
+                kind, payload = await self.link.read_frame()
+            except EOFError as exc:
+                log.info("session %s: keeper link closed: %s", self.session_id, exc)
+                if self.end_reason is None and not self.finished.is_set() and await self._reattach():
+                    continue
+                break
+            if kind == b"D":
+                start = int.from_bytes(payload[:8], "big")
+                data = payload[8:]
+                if start != self.offset:
+                    # Only possible at a takeover whose replay lost older bytes; say so in the log.
+                    log.info("session %s: stream jumps %d -> %d", self.session_id, self.offset, start)
+                self.offset = start + len(data)
                 self.screen.append(data)
-                self.recorder.output(data)
-                await self.layer.group_send(self.group, {"type": "term.output", "offset": start, "data": data})
+                if self.offset > self.record_from:
+                    self.recorder.output(data[max(0, self.record_from - start):])
+                await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": time.time()})
                 self._schedule_quiet_flush()
                 await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
-        except (OSError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.info("session %s: PTY read ended: %s", self.session_id, exc)
-        await self._on_pty_closed()
+            elif kind == b"X":
+                self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
+                break
+            elif kind == b"T":
+                # Another process attached to this session: it owns it now. Not an end.
+                log.warning("session %s: taken over by another process; stopping here", self.session_id)
+                self.superseded = True
+                break
+            elif kind == b"E":
+                log.warning("session %s: keeper error: %s", self.session_id, payload.decode(errors="replace"))
+        if self.superseded:
+            await self._stand_down()
+        else:
+            await self._on_pty_closed()
+
+    async def _broadcast(self, message: dict[str, Any]) -> None:
+        """Send to every participant. With the channel layer (Redis) down, the message is lost, not
+        the hub: participants see the gap in offsets and resync once it is back, or reconnect."""
+        try:
+            await self.layer.group_send(self.group, message)
+            self._layer_down_since = None
+        except Exception as exc:
+            if self._layer_down_since is None:
+                self._layer_down_since = time.monotonic()
+                log.warning("session %s: channel layer unavailable (%s); output is not delivered until it is back",
+                            self.session_id, exc)
+
+    async def _reattach(self) -> bool:
+        """The link broke but maybe not the keeper (a `docker exec` relay dies with its dockerd):
+        attach again from where the stream is, if the container still runs."""
+        for attempt in range(3):
+            await asyncio.sleep(0.3 * (attempt + 1))
+            try:
+                state = await in_docker_thread(runtime.container_state, self.container_id)
+                if state is None or not state.running:
+                    return False
+                request = keeper.open_request(self.session_id, argv=self.command, uid=0, gid=0, cwd="/", env={},
+                                              cols=self.cols, rows=self.rows, from_offset=self.offset, create=False)
+                self.link, _hello = await keeper.open_link(self.container_id, self.environment_id, in_docker_thread, request)
+                log.info("session %s: attached to the keeper again at %d", self.session_id, self.offset)
+                return True
+            except (runtime.EngineError, asyncio.TimeoutError, EOFError) as exc:
+                log.info("session %s: attaching again failed: %s", self.session_id, exc)
+        return False
 
     def _schedule_quiet_flush(self) -> None:
         """Emulate queued output once it goes quiet, so snapshots stay cheap and exact."""
@@ -156,14 +226,10 @@ class Hub:
         self._flush_handle = loop.call_later(QUIET_FLUSH, flush)
 
     async def _on_pty_closed(self) -> None:
-        code = None
-        if self.exec is not None:
-            try:
-                code = await in_docker_thread(runtime.exec_exit_code, self.exec.exec_id)
-            except runtime.EngineError:
-                code = None
+        code = self.exit_code
         reason = self.end_reason
-        if reason is None:
+        if reason is None and code is None:
+            # The keeper went away without an exit: the container stopped, or was removed.
             reason = EndReason.EXITED
             try:
                 state = await in_docker_thread(runtime.container_state, self.container_id)
@@ -173,7 +239,10 @@ class Hub:
                 reason = EndReason.ENVIRONMENT_DELETED
             elif not state.running:
                 reason = EndReason.ENVIRONMENT_STOPPED
-        await self._finish(reason, code)
+        await self._finish(reason or EndReason.EXITED, code)
+        if code is not None:
+            # The end is recorded: the keeper may drop what it kept of this session.
+            await in_docker_thread(keeper.forget_session, self.container_id, self.environment_id, self.session_id)
 
     def _on_event(self, record: events.EventRecord) -> None:
         if record.kind == "session.ended" and record.session_id == self.session_id and not self.finished.is_set():
@@ -191,35 +260,52 @@ class Hub:
         await database_sync_to_async(services.mark_ended)(self.session_id, reason, code)
         # The DB may hold an earlier reason (e.g. the environment was stopped): report that one.
         ended = await database_sync_to_async(TerminalSession.objects.values("end_reason", "exit_code").get)(pk=self.session_id)
-        await self.layer.group_send(self.group, {"type": "term.exit", "code": ended["exit_code"] if ended["exit_code"] is not None else code,
+        await self._broadcast({"type": "term.exit", "code": ended["exit_code"] if ended["exit_code"] is not None else code,
                                                  "reason": ended["end_reason"] or reason})
         await self._flush_input_audit()
+        self._cancel_tasks()
+        if self.link is not None:
+            self.link.close()
+
+    def _cancel_tasks(self) -> None:
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
-        if self.exec is not None:
-            try:
-                self.exec.sock.close()
-            except OSError:
-                pass
+
+    async def _stand_down(self) -> None:
+        """Stop serving without ending the session: the shell stays in the keeper for whoever owns
+        the session now (or next). Participants here are not told of an end: there is none."""
+        if self.finished.is_set():
+            return
+        self.finished.set()
+        HUBS.pop(self.session_id, None)
+        if self._bus is not None and self._bus_key is not None:
+            self._bus.unsubscribe(self._bus_key)
+        self.recorder.close()
+        await self._flush_input_audit()
+        self._cancel_tasks()
+        if self.link is not None:
+            self.link.close()
+
+    async def release(self) -> None:
+        """Graceful shutdown of this process: hand the session back (the next process a participant
+        reaches takes it over at once) and stop serving. The shell keeps running."""
+        await self._stand_down()
+        await database_sync_to_async(services.release_hub)(self.session_id, self.channel)
 
     async def terminate(self, reason: str) -> None:
-        """Kill the shell (HUP, then KILL): Docker has no API to kill an exec."""
+        """Kill the shell (the keeper HUPs its process group, then KILLs it)."""
         if self.end_reason is None:
             self.end_reason = reason
-        try:
-            await in_docker_thread(runtime.exec_run, self.container_id, services.kill_shell_command(self.session_id))
-        except runtime.EngineError as exc:
-            log.info("session %s: kill failed (%s); closing the socket", self.session_id, exc)
-        await asyncio.sleep(0.5)
-        if not self.finished.is_set() and self.exec is not None:
-            try:
-                self.exec.sock.close()  # the reader sees EOF and finishes
-            except OSError:
-                pass
-            await asyncio.sleep(0.2)
-            if not self.finished.is_set():
-                await self._finish(reason, None)
+        if self.link is not None:
+            self.link.kill()
+            await self.link.drain()
+        for _ in range(30):  # the keeper's exit frame normally comes within its 1.5 s kill grace
+            if self.finished.is_set():
+                return
+            await asyncio.sleep(0.1)
+        if not self.finished.is_set():
+            await self._finish(reason, None)
 
     # --- messages from participants ------------------------------------------------
 
@@ -229,8 +315,18 @@ class Hub:
             "hub.resize": self._on_resize, "hub.snapshot": self._on_snapshot, "hub.terminate": self._on_terminate,
             "hub.role": self._on_role,
         }
+        backoff = 0.1
         while not self.finished.is_set():
-            message = await self.layer.receive(self.channel)
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep trying, or the hub turns deaf for good once it is back
+                log.warning("session %s: channel layer receive failed (%s); retrying in %.1fs", self.session_id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
             handler = handlers.get(message.get("type", ""))
             if handler is None:
                 log.warning("session %s: unknown hub message %r", self.session_id, message.get("type"))
@@ -267,10 +363,11 @@ class Hub:
 
     async def _on_input(self, message: dict[str, Any]) -> None:
         member = self.members.get(message["channel"])
-        if member is None or not member.can_write or self.exec is None:
+        if member is None or not member.can_write or self.link is None:
             return  # defence in depth: consumers already refuse viewers' input
         data: bytes = message["data"]
-        await asyncio.get_running_loop().sock_sendall(self.exec.sock, data)
+        self.link.input(data)
+        await self.link.drain()
         if settings.LSL_SESSION_RECORD_INPUT:
             self.recorder.input(data)
             self._pending_input.setdefault(member.user_id, bytearray()).extend(data)
@@ -318,7 +415,7 @@ class Hub:
     async def _broadcast_presence(self) -> None:
         participants = [{"id": m.participation_id, "user": m.username, "role": m.role, "client": m.client,
                          "typing": m.username == self.last_typed_by} for m in self.members.values()]
-        await self.layer.group_send(self.group, {"type": "term.control", "payload": {
+        await self._broadcast({"type": "term.control", "payload": {
             "type": "presence", "participants": participants, "last_typed_by": self.last_typed_by}})
 
     def _schedule_resize(self) -> None:
@@ -335,8 +432,8 @@ class Hub:
         if (cols, rows) == (self.cols, self.rows):
             return
         self.cols, self.rows = cols, rows
-        assert self.exec is not None
-        await in_docker_thread(runtime.exec_resize, self.exec.exec_id, cols=cols, rows=rows)
+        assert self.link is not None
+        self.link.resize(cols, rows)
         reset, pending = self.screen.detach()
 
         def resize() -> None:
@@ -346,7 +443,7 @@ class Hub:
         await asyncio.get_running_loop().run_in_executor(SCREEN_EXECUTOR, resize)
         self.recorder.resize(cols, rows)
         await database_sync_to_async(services.set_size)(self.session_id, cols, rows, None)
-        await self.layer.group_send(self.group, {"type": "term.control", "payload": {"type": "resize", "cols": cols, "rows": rows}})
+        await self._broadcast({"type": "term.control", "payload": {"type": "resize", "cols": cols, "rows": rows}})
 
     def _arm_idle_timer(self) -> None:
         if self.members or self.finished.is_set():
@@ -368,15 +465,11 @@ class Hub:
                 log.warning("session %s: heartbeat failed: %s", self.session_id, exc)
                 renewed = True
             if not renewed:
-                # Fenced: another process declared us lost and ended the session (its reaper killed
-                # the shell). Serving on would be split brain: stop now.
-                log.warning("session %s: lost ownership; closing the PTY", self.session_id)
-                if self.exec is not None:
-                    try:
-                        self.exec.sock.close()
-                    except OSError:
-                        pass
-                await self._finish(EndReason.SERVER_LOST, None)
+                # Fenced: another process took the session over, or it was ended while we could
+                # not renew. Serving on would be split brain: stop now (the shell is not ours to kill).
+                log.warning("session %s: lost ownership; standing down", self.session_id)
+                self.superseded = True
+                await self._stand_down()
                 return
             await self._flush_input_audit()
             await asyncio.sleep(HEARTBEAT)
@@ -410,18 +503,26 @@ async def ensure_hub(session_id: str) -> str:
     session = await database_sync_to_async(TerminalSession.objects.select_related("environment").get)(pk=session_id)
     if outcome == "remote":
         return session.hub_channel
-    if outcome != "claimed":
+    if outcome not in ("claimed", "taken_over"):
         raise LookupError(session.end_reason or "ended")
     env = session.environment
     if env is None or not env.container_id:
         await database_sync_to_async(services.mark_ended)(session_id, EndReason.SERVER_ERROR, None)
         raise LookupError(EndReason.SERVER_ERROR)
-    hub = Hub(session, env.container_id, channel)
+    hub = Hub(session, env.container_id, channel, takeover=outcome == "taken_over")
     try:
         await hub.start()
     except runtime.EngineError as exc:
-        log.warning("session %s: could not open the terminal: %s", session_id, exc)
+        # Taking over, "no such session": the keeper lost the shell (its container restarted).
+        reason = EndReason.SERVER_LOST if hub.takeover else EndReason.SERVER_ERROR
+        log.warning("session %s: could not %s the terminal: %s", session_id,
+                    "attach to" if hub.takeover else "open", exc)
         hub.recorder.close()
-        await database_sync_to_async(services.mark_ended)(session_id, EndReason.SERVER_ERROR, None)
-        raise LookupError(EndReason.SERVER_ERROR) from exc
+        await database_sync_to_async(services.mark_ended)(session_id, reason, None)
+        raise LookupError(reason) from exc
     return channel
+
+
+async def release_all() -> None:
+    """On SIGTERM: hand every session this process owns back, shells untouched (see Hub.release)."""
+    await asyncio.gather(*(hub.release() for hub in list(HUBS.values())), return_exceptions=True)

@@ -19,20 +19,22 @@ class Recorder:
     """Appends events as they happen; output bytes are decoded incrementally so a
     UTF-8 character split across two reads is not mangled."""
 
-    def __init__(self, session_id: str, cols: int, rows: int, title: str) -> None:
+    def __init__(self, session_id: str, cols: int, rows: int, title: str, started_at: float | None = None) -> None:
         self.path = recording_path(session_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.start = time.monotonic()
+        # Times count from the session's start (wall clock), so a process that takes a session over
+        # appends to the same recording with times that go on, not from zero.
+        self.start = started_at if started_at is not None else time.time()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.file: IO[str] | None = self.path.open("a", encoding="utf-8")
         if self.path.stat().st_size == 0:
-            header = {"version": 2, "width": cols, "height": rows, "timestamp": int(time.time()),
+            header = {"version": 2, "width": cols, "height": rows, "timestamp": int(self.start),
                       "title": title, "env": {"TERM": "xterm-256color"}}
             self.file.write(json.dumps(header) + "\n")
 
     def _event(self, kind: str, data: str) -> None:
         if self.file is not None:
-            self.file.write(json.dumps([round(time.monotonic() - self.start, 6), kind, data]) + "\n")
+            self.file.write(json.dumps([round(max(0.0, time.time() - self.start), 6), kind, data]) + "\n")
 
     def output(self, data: bytes) -> None:
         text = self.decoder.decode(data)

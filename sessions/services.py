@@ -19,26 +19,10 @@ from sessions.models import AuditEvent, AuditKind, EndReason, Participation, Ter
 
 log = logging.getLogger(__name__)
 
-# The PTY's owner renews its claim every 2 s (hub.HEARTBEAT); one silent for this long is gone: the
-# worker's reaper ends its sessions (server_lost) and kills their shells.
+# The terminal's owner renews its claim every 2 s (hub.HEARTBEAT); one silent for this long is gone:
+# the next process a participant reaches takes the session over, and the worker's reaper hands it
+# back meanwhile. The shell itself lives in the environment's keeper and is not affected.
 HUB_STALE_AFTER = timedelta(seconds=6)
-SESSION_PID_DIR = "/tmp"
-
-
-def pidfile(session_id: Any) -> str:
-    return f"{SESSION_PID_DIR}/.lsl-session-{session_id}.pid"
-
-
-def kill_shell_command(session_id: Any) -> list[str]:
-    """HUP the session's shell (its process group), then KILL it: Docker has no API to kill an exec."""
-    script = ("p=$(cat {f} 2>/dev/null) && [ -n \"$p\" ] && kill -HUP -- \"$p\" 2>/dev/null; "
-              "sleep 1; [ -n \"$p\" ] && kill -KILL -- \"$p\" 2>/dev/null; rm -f {f}").format(f=pidfile(session_id))
-    return ["/bin/sh", "-c", script]
-
-
-def session_command(session_id: Any, shell: str) -> list[str]:
-    """Run the shell under a wrapper that records its pid: Docker cannot kill an exec, so LSL must."""
-    return ["/bin/sh", "-c", f'echo $$ > {pidfile(session_id)}; exec "$0" "$@"', shell]
 
 
 def open_session(env: Environment, user: AbstractBaseUser, *, name: str = "", cols: int = 80, rows: int = 24) -> TerminalSession:
@@ -112,52 +96,119 @@ def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:
 
 
 def claim_hub(session_id: Any, channel: str) -> str:
-    """Decide where a session's PTY lives. Returns "claimed", "remote" (another live process has it),
-    "ended", or "lost" (its owner died: the session is now ended with server_lost)."""
-    now = timezone.now()
-    with transaction.atomic():
-        session = TerminalSession.objects.select_for_update().get(pk=session_id)
-        if session.ended_at is not None:
+    """Decide which process serves a session's terminal. Returns
+    "claimed"     this process is the first owner: it starts the shell;
+    "taken_over"  the shell exists (in the keeper) and its owner is gone or handed it back: this
+                  process attaches to it;
+    "remote"      a live process owns it; or "ended".
+    A compare-and-set on (hub_channel, hub_seen_at), so two processes never both win."""
+    for _ in range(3):
+        now = timezone.now()
+        row = TerminalSession.objects.filter(pk=session_id).values("ended_at", "hub_channel", "hub_seen_at").first()
+        if row is None or row["ended_at"] is not None:
             return "ended"
-        if not session.hub_channel:
-            session.hub_channel, session.hub_seen_at = channel, now
-            session.save(update_fields=["hub_channel", "hub_seen_at"])
-            return "claimed"
-        if session.hub_seen_at and now - session.hub_seen_at < HUB_STALE_AFTER:
+        if row["hub_channel"] and row["hub_seen_at"] and now - row["hub_seen_at"] < HUB_STALE_AFTER:
             return "remote"
-    end_lost_session(session_id)
-    return "lost"
+        with transaction.atomic():
+            won = TerminalSession.objects.filter(pk=session_id, ended_at__isnull=True, hub_channel=row["hub_channel"],
+                                                 hub_seen_at=row["hub_seen_at"]).update(hub_channel=channel, hub_seen_at=now)
+            if not won:
+                continue  # someone else changed it meanwhile: look again
+            if row["hub_seen_at"] is None:
+                return "claimed"
+            # Whoever was attached through the old owner went with it; they come back as new participants.
+            _leave_all(session_id, now)
+        log.info("session %s: taken over by %s", session_id, channel)
+        return "taken_over"
+    return "remote"
+
+
+def _leave_all(session_id: Any, now: Any) -> None:
+    if Participation.objects.filter(session_id=session_id, left_at__isnull=True).update(left_at=now):
+        _publish_presence(session_id)
 
 
 def heartbeat(session_id: Any, channel: str) -> bool:
-    """Renew the owner's claim. False: someone declared this owner lost (a fence): stop serving at once."""
+    """Renew the owner's claim. False: another process owns it now, or it ended (a fence): stop serving at once."""
     return bool(TerminalSession.objects.filter(pk=session_id, hub_channel=channel, ended_at__isnull=True)
                 .update(hub_seen_at=timezone.now()))
 
 
-def end_lost_session(session_id: Any) -> bool:
-    """The process owning the PTY is gone: end the session (server_lost; its participants hear it
-    through `session.ended`) and kill the shell it left running in the container."""
-    from environments import runtime
+def release_hub(session_id: Any, channel: str) -> None:
+    """An owner shutting down hands the session back; the next process a participant reaches takes
+    it over at once instead of waiting for the claim to go stale."""
+    with transaction.atomic():
+        if TerminalSession.objects.filter(pk=session_id, hub_channel=channel, ended_at__isnull=True).update(hub_channel=""):
+            _leave_all(session_id, timezone.now())
+            # Participants attached through other processes hear this and follow the session.
+            env_id = TerminalSession.objects.filter(pk=session_id).values_list("environment_id", flat=True).first()
+            events.publish("session.detached", {}, environment_id=env_id, session_id=session_id)
 
-    container_id = (TerminalSession.objects.filter(pk=session_id)
-                    .values_list("environment__container_id", flat=True).first())
-    if not mark_ended(session_id, EndReason.SERVER_LOST, None):
+
+def rejoin(participation_id: int) -> None:
+    """A participant that followed its session to a new owner is attached again."""
+    row = Participation.objects.filter(pk=participation_id).values("session_id").first()
+    if row is not None and Participation.objects.filter(pk=participation_id).exclude(left_at=None).update(left_at=None):
+        _publish_presence(row["session_id"])
+
+
+def end_lost_session(session_id: Any, reason: str = EndReason.SERVER_LOST) -> bool:
+    """Nobody serves the session any more and nobody came back for it: end it (its participants hear it
+    through `session.ended`) and kill the shell the keeper holds for it."""
+    from environments import keeper, runtime
+
+    row = (TerminalSession.objects.filter(pk=session_id)
+           .values("environment_id", "environment__container_id").first())
+    if row is None or not mark_ended(session_id, reason, None):
         return False
-    if container_id:
+    if row["environment__container_id"]:
         try:
-            runtime.exec_run(container_id, kill_shell_command(session_id))
+            keeper.kill_session(row["environment__container_id"], row["environment_id"], str(session_id))
         except runtime.EngineError as exc:
             log.info("session %s: could not kill the orphaned shell: %s", session_id, exc)
-    log.info("session %s: its owner stopped renewing; ended as server_lost", session_id)
+    log.info("session %s: nobody served it; ended as %s", session_id, reason)
     return True
 
 
 def reap_lost_sessions() -> list[str]:
-    """The worker's periodic job: end every live session whose owner stopped heart-beating."""
-    stale = TerminalSession.objects.filter(ended_at__isnull=True).exclude(hub_channel="").filter(
-        hub_seen_at__lt=timezone.now() - HUB_STALE_AFTER)
-    return [str(session_id) for session_id in stale.values_list("pk", flat=True) if end_lost_session(session_id)]
+    """The worker's periodic job, for sessions nobody serves:
+    * an owner that stopped heart-beating is gone: its claim is released (its participants marked
+      left), so the next process a participant reaches takes over at once;
+    * a shell that exited meanwhile ends its session with its exit code (the keeper remembers it);
+    * a session nobody came back to within LSL_SESSION_REATTACH_GRACE is ended as server_lost and
+      its shell killed: no session stays live with nobody serving it.
+    Returns the ids of the sessions it ended."""
+    from django.conf import settings
+
+    from environments import keeper, runtime
+
+    now = timezone.now()
+    live = TerminalSession.objects.filter(ended_at__isnull=True)
+    for row in live.exclude(hub_channel="").filter(hub_seen_at__lt=now - HUB_STALE_AFTER).values("pk", "hub_channel"):
+        release_hub(row["pk"], row["hub_channel"])
+        log.info("session %s: its owner stopped renewing; released for takeover", row["pk"])
+    ended: list[str] = []
+    grace = timedelta(seconds=settings.LSL_SESSION_REATTACH_GRACE)
+    unserved = live.filter(hub_channel="").exclude(hub_seen_at=None).values(
+        "pk", "hub_seen_at", "environment_id", "environment__container_id")
+    kept: dict[Any, dict[str, keeper.KeptSession] | None] = {}
+    for row in unserved:
+        session_id, container_id = str(row["pk"]), row["environment__container_id"]
+        if container_id and row["environment_id"] not in kept:
+            try:
+                kept[row["environment_id"]] = keeper.list_sessions(container_id, row["environment_id"])
+            except runtime.EngineError:
+                kept[row["environment_id"]] = None  # stopped or gone: reconcile ends its sessions
+        shell = (kept.get(row["environment_id"]) or {}).get(session_id)
+        if shell is not None and not shell.alive:
+            if mark_ended(session_id, EndReason.EXITED, shell.exit_code):
+                keeper.forget_session(container_id, row["environment_id"], session_id)
+                ended.append(session_id)
+        elif shell is None and kept.get(row["environment_id"]) is not None:
+            ended += [session_id] if end_lost_session(session_id) else []  # the keeper has no such shell
+        elif row["hub_seen_at"] < now - grace and end_lost_session(session_id):
+            ended.append(session_id)
+    return ended
 
 
 def set_size(session_id: Any, cols: int, rows: int, user_id: int | None) -> None:

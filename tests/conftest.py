@@ -138,14 +138,15 @@ class LiveServer:
         return self.log.read_text(errors="replace")[-n:]
 
 
-def start_daphne(extra_env: dict[str, str] | None = None, name: str = "daphne") -> LiveServer:
-    """Start `daphne lsl_site.asgi:application` on a free port, sharing the test database file."""
+def start_daphne(extra_env: dict[str, str] | None = None, name: str = "daphne", port: int | None = None) -> LiveServer:
+    """Start `daphne lsl_site.asgi:application` on a free port (or `port`, to restart one in place),
+    sharing the test database file."""
     import sys
 
     import requests
     from django.conf import settings
 
-    port = free_port()
+    port = port or free_port()
     log = Path(settings.VAR_DIR) / f"{name}-{port}.log"
     env = process_env(extra_env)
     handle = log.open("wb")

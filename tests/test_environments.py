@@ -65,7 +65,10 @@ def test_container_is_hardened(people: Any, make_env: Any) -> None:
     assert host["Privileged"] is False
     sources = [m.get("Source", "") for m in info["Mounts"]] + [m.get("Name", "") for m in info["Mounts"]]
     assert not any("docker.sock" in s for s in sources)
-    assert {m["Destination"] for m in info["Mounts"]} == {"/workspace"}
+    mounts = {m["Destination"]: m for m in info["Mounts"]}
+    assert set(mounts) == {"/workspace", "/.lsl/bin", "/.lsl/run"}  # the workspace, the keeper and its socket
+    assert mounts["/.lsl/bin"]["RW"] is False, "the keeper binary is read-only"
+    assert mounts["/.lsl/run"]["Source"].endswith(str(env.id).replace("-", ""))
     labels = info["Config"]["Labels"]
     assert labels["lsl.environment"] == str(env.id)
     assert labels["lsl.owner"] == "alice"

@@ -1,9 +1,13 @@
-"""A process owning a terminal dies and is not restarted: its sessions end with a reason, nothing stuck.
+"""A process serving a terminal dies: the shell lives on in the keeper, and nothing is left stuck.
 
-Real processes: two daphnes share sessions through a real redis-server; the one holding the PTY is
-killed with -9 while a participant is attached through the other. The worker's reaper must end the
-session as `server_lost` within 10 s, the surviving participant must be told why, and the orphaned
-shell must not be left running in the container (Docker cannot kill an exec: LSL does).
+Real processes throughout: daphnes sharing sessions through a real redis-server, the worker (its
+reaper), and the session keeper in a real container.
+* The owner is killed with -9 while a participant is attached through another process: that
+  participant follows the session to the survivor, which takes it over: same shell, same state.
+* The owner is killed and nobody comes back: within the reattach grace the worker ends the session
+  as `server_lost` and the keeper kills the shell; nothing stays `live` with nobody serving it.
+* The only server is killed with -9 and started again on the same port: clients reconnect (as the
+  browser and `lsl shell` do) and find the same screen, the same shell, and a background job's output.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import time
 from typing import Any
 
 import pytest
+import requests
 
+from environments import keeper
 from sessions.models import TerminalSession
 from tests.conftest import docker_cli, start_daphne, stop_daphne
 from tests.test_sessions import Cast
@@ -21,42 +27,209 @@ from tests.wsclient import TermClient
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
 
 
-def shell_alive(container_id: str, pid: str) -> bool:
-    return docker_cli("exec", container_id, "kill", "-0", pid).returncode == 0
+def kept(cast: Cast, session_id: str) -> keeper.KeptSession | None:
+    return keeper.list_sessions(cast.env.container_id, cast.env.id).get(session_id)
 
 
-def test_killed_owner_ends_its_sessions_as_server_lost(people: Any, make_env: Any, redis_url: str) -> None:
+def process_alive(container_id: str, pid: int) -> bool:
+    return docker_cli("exec", container_id, "kill", "-0", str(pid)).returncode == 0
+
+
+def snapshots(client: TermClient) -> int:
+    return sum(1 for e in client.events if e["type"] == "snapshot")
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"not within {timeout}s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def workspace_digest(container_id: str) -> str:
+    out = docker_cli("exec", container_id, "sha256sum", "/workspace/data.bin").stdout.split()
+    assert out, "no /workspace/data.bin"
+    return out[0]
+
+
+def test_killed_owner_is_taken_over_and_the_shell_lives_on(people: Any, make_env: Any, redis_url: str) -> None:
     env = {"LSL_REDIS_URL": redis_url}
     owner, survivor = start_daphne(env, "daphne-owner"), start_daphne(env, "daphne-survivor")
     try:
         cast = Cast(people, make_env, owner)
         session = cast.open_session()
-        alice = cast.join(session, "alice")  # the PTY now lives in `owner`
+        sid = session["id"]
+        alice = cast.join(session, "alice")  # the terminal is now served by `owner`
         bob = TermClient(session["ws_url"].replace(owner.ws_url, survivor.ws_url), token=cast.tokens["bob"])
         bob.wait_event("snapshot")
-        alice.send_input("echo alive-$((40+2))\r")
-        bob.wait_output(b"alive-42")
-        pid = docker_cli("exec", cast.env.container_id, "cat", f"/tmp/.lsl-session-{session['id']}.pid").stdout.strip()
-        assert pid and shell_alive(cast.env.container_id, pid)
+        alice.send_input("cd /tmp; X=42; head -c 65536 /dev/urandom > /workspace/data.bin; echo set-$X\r")
+        bob.wait_output(b"set-42")
+        digest = workspace_digest(cast.env.container_id)
+        shell = kept(cast, sid)
+        assert shell is not None and shell.alive and shell.attached
 
         owner.proc.kill()  # kill -9: no clean-up, no goodbye
-        killed_at = time.monotonic()
-        exit_frame = bob.wait_event("exit", timeout=15)
-        told_after = time.monotonic() - killed_at
-        assert exit_frame["reason"] == "server_lost", exit_frame
-        row = TerminalSession.objects.get(pk=session["id"])
-        assert row.ended_at is not None and row.end_reason == "server_lost"
-        assert told_after < 10, f"the participant was told only after {told_after:.1f}s"
-        assert not row.participations.filter(left_at__isnull=True).exists(), "nobody counts as attached any more"
+        before = snapshots(bob)
+        took = wait_until(lambda: snapshots(bob) > before, 12, "bob redrawn by the session's new owner")
+        assert took < 10, f"bob was back only after {took:.1f}s"
+        bob.send_input("echo back-$X-$PWD\r")
+        bob.wait_output(b"back-42-/tmp")  # the same shell: its variables and directory are intact
 
-        deadline = time.monotonic() + 5
-        while shell_alive(cast.env.container_id, pid):  # the reaper HUPs, then KILLs a second later
-            assert time.monotonic() < deadline, "the orphaned shell is still running"
-            time.sleep(0.2)
-        # Rejoining an ended session says so at once, instead of waiting on a dead hub.
-        late = TermClient(session["ws_url"].replace(owner.ws_url, survivor.ws_url), token=cast.tokens["alice"])
-        assert late.wait_event("exit", timeout=5)["reason"] == "server_lost"
+        row = TerminalSession.objects.get(pk=sid)
+        assert row.ended_at is None and row.hub_channel, "served again"
+        again = kept(cast, sid)
+        assert again is not None and again.pid == shell.pid and again.alive, "no second shell was started"
+        assert not row.participations.filter(user__username="alice", left_at__isnull=True).exists(), \
+            "alice went with the killed process: she no longer counts as attached"
+        assert row.participations.filter(user__username="bob", left_at__isnull=True).exists()
+        assert workspace_digest(cast.env.container_id) == digest
+        # `end` still ends it, and the shell goes with it.
+        cast.server = survivor
+        assert cast.api("alice", "post", f"sessions/{sid}/end/").status_code == 200
+        assert bob.wait_event("exit", timeout=10)["reason"] == "ended"
+        wait_until(lambda: not process_alive(cast.env.container_id, shell.pid), 5, "the shell killed")
     finally:
         stop_daphne(survivor)
         if owner.proc.poll() is None:
             stop_daphne(owner)
+
+
+def test_session_nobody_comes_back_to_ends_as_server_lost(people: Any, make_env: Any, redis_url: str,
+                                                          worker_proc: Any) -> None:
+    worker_proc.extra_env = {**(worker_proc.extra_env or {}), "LSL_SESSION_REATTACH_GRACE": "1"}
+    worker_proc.restart()
+    env = {"LSL_REDIS_URL": redis_url}
+    owner, survivor = start_daphne(env, "daphne-owner"), start_daphne(env, "daphne-survivor")
+    try:
+        cast = Cast(people, make_env, owner)
+        session = cast.open_session()
+        sid = session["id"]
+        alice = cast.join(session, "alice")
+        alice.send_input("echo alive-$((40+2))\r")
+        alice.wait_output(b"alive-42")
+        shell = kept(cast, sid)
+        assert shell is not None and process_alive(cast.env.container_id, shell.pid)
+
+        owner.proc.kill()
+        took = wait_until(lambda: TerminalSession.objects.get(pk=sid).ended_at is not None, 12, "the session ended")
+        assert took < 10, f"ended only after {took:.1f}s"
+        row = TerminalSession.objects.get(pk=sid)
+        assert row.end_reason == "server_lost"
+        assert not row.participations.filter(left_at__isnull=True).exists(), "nobody counts as attached any more"
+        wait_until(lambda: not process_alive(cast.env.container_id, shell.pid), 5, "the orphaned shell killed")
+        # Rejoining an ended session says so at once, through any process.
+        late = TermClient(session["ws_url"].replace(owner.ws_url, survivor.ws_url), token=cast.tokens["alice"])
+        assert late.wait_event("exit", timeout=5)["reason"] == "server_lost"
+    finally:
+        worker_proc.extra_env = {k: v for k, v in (worker_proc.extra_env or {}).items() if k != "LSL_SESSION_REATTACH_GRACE"}
+        worker_proc.restart()
+        stop_daphne(survivor)
+        if owner.proc.poll() is None:
+            stop_daphne(owner)
+
+
+def reconnecting_client(url: str, token: str, deadline: float) -> TermClient:
+    """What the browser page and `lsl shell` do after an abnormal close: try again with backoff."""
+    delay = 0.25
+    while True:
+        try:
+            client = TermClient(url, token=token)
+            client.wait_event("snapshot", timeout=10)
+            return client
+        except Exception:
+            assert time.monotonic() < deadline, "could not reconnect in time"
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_server_restart_loses_no_shell(people: Any, make_env: Any, how: str) -> None:
+    server = start_daphne(None, "daphne-restart")
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        cast = Cast(people, make_env, server)
+        session = cast.open_session()
+        sid = session["id"]
+        alice = cast.join(session, "alice")
+        bob = cast.join(session, "bob")
+        alice.send_input("cd /tmp; X=42; head -c 65536 /dev/urandom > /workspace/data.bin; (sleep 6; echo done-$X) &\r")
+        alice.send_input("echo ready-$X\r")
+        bob.wait_output(b"ready-42")
+        digest = workspace_digest(cast.env.container_id)
+        pid = kept(cast, sid).pid  # type: ignore[union-attr]
+
+        if how == "kill":
+            server.proc.kill()
+        else:
+            server.proc.terminate()
+            reason = bob.wait_event("error", timeout=5)
+            assert reason["code"] == "server_restarting", reason
+        server.proc.wait(timeout=10)
+        for client in (alice, bob):
+            assert client.closed.wait(5)
+        restarted_at = time.monotonic()
+        server = start_daphne(None, "daphne-restart", port=int(port))
+        deadline = restarted_at + 10
+        alice = reconnecting_client(session["ws_url"], cast.tokens["alice"], deadline)
+        bob = reconnecting_client(session["ws_url"], cast.tokens["bob"], deadline)
+        back = time.monotonic() - restarted_at
+        assert back < 10, f"clients back only after {back:.1f}s"
+        screen = "\n".join(bob.screen.display)
+        assert "ready-42" in screen, screen  # the same screen
+        # The background job of the shell that lived on (its output may be on the snapshot already).
+        wait_until(lambda: "done-42" in "\n".join(bob.text()), 15, "done-42 on bob's screen")
+        alice.send_input("echo again-$X-$PWD\r")
+        alice.wait_output(b"again-42-/tmp")
+        assert kept(cast, sid).pid == pid  # type: ignore[union-attr]
+        assert workspace_digest(cast.env.container_id) == digest
+        assert TerminalSession.objects.get(pk=sid).ended_at is None
+    finally:
+        if server.proc.poll() is None:
+            stop_daphne(server)
+
+
+def test_terminals_degrade_then_heal_across_a_redis_outage(people: Any, make_env: Any, redis_server: Any) -> None:
+    """Two daphnes share a session through Redis; Redis is killed for 15 s mid-session."""
+    env = {"LSL_REDIS_URL": redis_server.url}
+    owner, other = start_daphne(env, "daphne-a"), start_daphne(env, "daphne-b")
+    try:
+        cast = Cast(people, make_env, owner)
+        session = cast.open_session()
+        sid = session["id"]
+        alice = cast.join(session, "alice")  # served by `owner`
+        bob_url = session["ws_url"].replace(owner.ws_url, other.ws_url)
+        bob = TermClient(bob_url, token=cast.tokens["bob"])
+        bob.wait_event("snapshot")
+        alice.send_input("X=42; echo set-$X\r")
+        bob.wait_output(b"set-42")
+        pid = kept(cast, sid).pid  # type: ignore[union-attr]
+
+        redis_server.stop()  # kill -9
+        down_at = time.monotonic()
+        for client in (alice, bob):  # told why, then closed so that they reconnect with backoff
+            error = client.wait_event("error", timeout=10, code="unavailable")
+            assert "Redis" in error["detail"]
+            assert client.closed.wait(5) and client.close_code == 4013
+        for server in (owner, other):  # the API answers meanwhile: no 5xx
+            listed = requests.get(f"{server.url}/api/v1/environments/", timeout=10,
+                                  headers={"Authorization": f"Token {cast.tokens['alice']}"})
+            assert listed.status_code == 200, listed.text[:300]
+        time.sleep(max(0.0, 15 - (time.monotonic() - down_at)))
+        redis_server.start()  # same port, empty: every group membership is gone
+        back_at = time.monotonic()
+
+        alice = reconnecting_client(session["ws_url"], cast.tokens["alice"], back_at + 10)
+        bob = reconnecting_client(bob_url, cast.tokens["bob"], back_at + 10)
+        assert "set-42" in "\n".join(bob.text())  # the same screen
+        bob.send_input("echo still-$X\r")
+        alice.wait_output(b"still-42")  # output flows to both again: no zombie hub
+        assert kept(cast, sid).pid == pid  # type: ignore[union-attr]
+        # And `end` ends it, for everyone, shell included.
+        assert cast.api("alice", "post", f"sessions/{sid}/end/").status_code == 200
+        for client in (alice, bob):
+            assert client.wait_event("exit", timeout=10)["reason"] == "ended"
+        wait_until(lambda: not process_alive(cast.env.container_id, pid), 5, "the shell killed")
+    finally:
+        stop_daphne(other)
+        stop_daphne(owner)

@@ -2,15 +2,24 @@
 //
 // Exposes window.LSL.{Terminal, FitAddon, WebLinksAddon} and
 // window.LSL.mountTerminal(options), which the page calls once.
+//
+// Reconnecting (docs/protocol.md §2.1, policy in reconnect.js): when the server or the network goes
+// away (a restart, kill -9, a dead link) the page says "reconnecting…" in #conn-status and in a
+// banner above the terminal, retries with backoff for up to two minutes, then gives up with a
+// "Reconnect" button. Keystrokes typed meanwhile are held (up to INPUT_BUFFER bytes) and sent after
+// the new connection's `hello`; its snapshot redraws the terminal.
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 import { WebLinksAddon } from "@xterm/addon-web-links";
+import { GIVE_UP_AFTER_MS, ReconnectPolicy } from "./reconnect.js";
 
 const EMPTY = new Uint8Array(0);
-const MAX_BACKOFF_MS = 15000;
 const PING_EVERY_MS = 25000;
-// Codes after which reconnecting cannot help: access revoked, session already over.
-const FINAL_CLOSE_CODES = new Set([4403, 4410]);
+// A ping unanswered this long (and nothing else heard) means the connection is dead even if the
+// browser has not noticed yet (a laptop waking up, a NAT that forgot us): drop it and reconnect.
+const PONG_TIMEOUT_MS = 10000;
+// Keystrokes held while reconnecting; beyond this they are dropped, and the banner says so.
+const INPUT_BUFFER = 4096;
 
 function el(id) {
   return document.getElementById(id);
@@ -40,13 +49,29 @@ function mountTerminal(options) {
   term.open(container);
   window.lslTerm = term;
 
+  // The reconnect banner: created here, so the page template needs nothing new.
+  const banner = document.createElement("div");
+  banner.id = "conn-banner";
+  banner.className = "alert";
+  banner.hidden = true;
+  banner.setAttribute("role", "status");
+  banner.setAttribute("aria-live", "polite");
+  ui.ended.insertAdjacentElement("afterend", banner);
+
   const encoder = new TextEncoder();
   let ws = null;
   let canWrite = false;
   let over = false; // the session ended (or access is gone): stop reconnecting
-  let attempt = 0;
+  const policy = new ReconnectPolicy();
   let reconnectTimer = null;
   let pingTimer = null;
+  let pongTimer = null;
+  let lastHeard = 0; // when the current socket last sent us anything
+  let urlSize = null; // the size the current socket's URL announced
+  let restarting = false; // the server said `server_restarting` before closing
+  let held = []; // keystrokes typed while reconnecting (Uint8Arrays)
+  let heldBytes = 0;
+  let droppedBytes = 0;
 
   // Flow-control bookkeeping, per connection.
   let received = 0; // binary payload bytes received so far
@@ -62,6 +87,95 @@ function mountTerminal(options) {
 
   function send(obj) {
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj));
+  }
+
+  function live() {
+    // Input goes straight out only on an open socket that has had its `hello`.
+    return ws !== null && ws.readyState === WebSocket.OPEN && !policy.reconnecting;
+  }
+
+  function showBanner(text, cls, withButton) {
+    banner.replaceChildren();
+    banner.className = `alert ${cls || ""}`;
+    if (cls === "reconnecting") {
+      banner.style.borderColor = "#f1e2a4";
+      banner.style.background = "#fffbe6";
+    } else {
+      banner.style.borderColor = "";
+      banner.style.background = "";
+    }
+    const span = document.createElement("span");
+    span.textContent = text;
+    banner.appendChild(span);
+    if (withButton) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.id = "reconnect-button";
+      button.className = "small primary";
+      button.textContent = "Reconnect";
+      button.style.marginLeft = ".8rem";
+      button.addEventListener("click", reconnectNow);
+      banner.appendChild(button);
+    }
+    banner.hidden = false;
+  }
+
+  function hideBanner() {
+    banner.hidden = true;
+    banner.replaceChildren();
+  }
+
+  function showReconnecting() {
+    const why = restarting ? "The server is restarting" : "Lost the connection to the server";
+    let input = "";
+    if (canWrite) {
+      if (droppedBytes) input = ` Input buffer full: ${droppedBytes} bytes typed since were dropped.`;
+      else if (heldBytes) input = ` ${heldBytes} bytes typed meanwhile will be sent when the connection is back.`;
+      else input = " What you type now is sent when the connection is back.";
+    }
+    showBanner(`${why} — reconnecting… (attempt ${policy.attempt})${input}`, "reconnecting", false);
+    setConn("reconnecting…", "warn");
+  }
+
+  function hold(bytes) {
+    const room = INPUT_BUFFER - heldBytes;
+    if (bytes.byteLength > room) {
+      droppedBytes += bytes.byteLength - Math.max(0, room);
+      bytes = bytes.subarray(0, Math.max(0, room));
+    }
+    if (bytes.byteLength) {
+      held.push(bytes);
+      heldBytes += bytes.byteLength;
+    }
+    if (policy.reconnecting) showReconnecting();
+  }
+
+  function discardHeld() {
+    const n = heldBytes + droppedBytes;
+    held = [];
+    heldBytes = 0;
+    droppedBytes = 0;
+    return n;
+  }
+
+  function flushHeld() {
+    // After a reconnect's `hello`: what was typed meanwhile goes out, in order, before anything new.
+    const pending = held;
+    const dropped = droppedBytes;
+    const n = discardHeld();
+    if (!n) return;
+    if (!canWrite) {
+      console.warn(`read-only now: ${n} bytes typed while reconnecting were not sent`);
+      return;
+    }
+    const all = new Uint8Array(pending.reduce((n, b) => n + b.byteLength, 0));
+    let at = 0;
+    for (const bytes of pending) {
+      all.set(bytes, at);
+      at += bytes.byteLength;
+    }
+    ws.send(all); // one frame: the shell sees it as one burst of typing
+    if (dropped) console.warn(`${dropped} bytes typed while reconnecting did not fit the buffer and were dropped`);
   }
 
   function fitSize() {
@@ -122,6 +236,10 @@ function mountTerminal(options) {
 
   function showEnded(code, reason) {
     over = true;
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    hideBanner();
+    discardHeld();
     const what = code === null || code === undefined ? "session ended" : `session ended (code ${code})`;
     ui.ended.hidden = false;
     ui.ended.replaceChildren();
@@ -142,7 +260,9 @@ function mountTerminal(options) {
   function onControl(msg) {
     switch (msg.type) {
       case "hello":
-        attempt = 0;
+        policy.onConnected();
+        restarting = false;
+        hideBanner();
         canWrite = !!msg.can_write;
         if (msg.window) ackEvery = Math.max(1024, Math.floor(msg.window / 4));
         term.options.disableStdin = !canWrite;
@@ -151,6 +271,15 @@ function mountTerminal(options) {
         ui.role.title = canWrite ? `You are ${msg.role}: you can type.` : "You are a viewer: you can watch but not type.";
         applySize(msg.cols, msg.rows);
         setConn(`connected as ${msg.user}`, "ok");
+        flushHeld();
+        if (canWrite && urlSize) {
+          // The window changed while we were away (the URL carried the size from before): say so now.
+          const size = fitSize();
+          if (size.cols !== urlSize.cols || size.rows !== urlSize.rows) {
+            urlSize = size;
+            send({ type: "resize", cols: size.cols, rows: size.rows });
+          }
+        }
         break; // our size already went in the URL; the server answers with the effective size
       case "snapshot":
         applySize(msg.cols, msg.rows);
@@ -167,6 +296,7 @@ function mountTerminal(options) {
         break;
       case "error":
         if (msg.code === "read_only") setConn("read-only: input ignored", "warn");
+        else if (msg.code === "server_restarting") restarting = true; // the close (1012) follows: reconnect
         else console.warn("terminal server error", msg.code, msg.detail);
         break;
       default:
@@ -176,10 +306,18 @@ function mountTerminal(options) {
 
   async function sessionIsOver() {
     // A refused handshake looks like any other drop (code 1006); ask the API why.
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), 5000);
     try {
-      const r = await fetch(`/api/v1/sessions/${sessionId}/`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const r = await fetch(`/api/v1/sessions/${sessionId}/`, {
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+        signal: abort.signal,
+      });
       if (r.status === 404 || r.status === 403) {
         over = true;
+        hideBanner();
+        discardHeld();
         ui.ended.hidden = false;
         ui.ended.textContent = "You no longer have access to this session.";
         setConn("no access", "ended");
@@ -194,37 +332,112 @@ function mountTerminal(options) {
       }
     } catch (e) {
       /* server unreachable: keep retrying */
+    } finally {
+      clearTimeout(timer);
     }
     return false;
   }
 
   function scheduleReconnect() {
     if (over || reconnectTimer) return;
-    const delay = Math.min(MAX_BACKOFF_MS, 500 * 2 ** attempt) * (0.8 + Math.random() * 0.4);
-    attempt += 1;
-    setConn(`disconnected — reconnecting in ${Math.ceil(delay / 1000)} s`, "warn");
+    const delay = policy.nextDelay();
+    if (delay === null) {
+      giveUp();
+      return;
+    }
+    showReconnecting();
     reconnectTimer = setTimeout(async () => {
       reconnectTimer = null;
-      if (attempt > 1 && (await sessionIsOver())) return;
-      connect();
+      // A refused handshake (no access any more) looks like any other failure: from the second retry, ask.
+      if (policy.attempt > 1 && (await sessionIsOver())) return;
+      if (!over && !ws) connect();
     }, delay);
+  }
+
+  function giveUp() {
+    const lost = discardHeld();
+    term.options.disableStdin = true;
+    const secs = Math.round(GIVE_UP_AFTER_MS / 1000);
+    const input = lost ? ` ${lost} bytes typed meanwhile were not sent.` : "";
+    showBanner(`Lost the connection to the server and could not reconnect within ${secs} s. The shell may still be running there.${input}`, "error", true);
+    setConn("disconnected", "ended");
+  }
+
+  function reconnectNow() {
+    // The "Reconnect" button: a new round of retries with a fresh time budget.
+    if (over) return;
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    policy.restart();
+    showReconnecting();
+    if (!ws) connect();
+  }
+
+  function onLost(code) {
+    // The socket closed (or we found it dead): reconnect, or say why not.
+    ws = null;
+    clearInterval(pingTimer);
+    clearTimeout(pongTimer);
+    if (over) return; // an `exit` frame already said the session is over
+    if (policy.onClose(code)) {
+      scheduleReconnect();
+      return;
+    }
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    discardHeld();
+    if (code === 4403 || code === 4410) {
+      over = true;
+      hideBanner();
+      ui.ended.hidden = false;
+      ui.ended.textContent = code === 4403 ? "Your access to this environment was revoked." : "session ended";
+      term.options.disableStdin = true;
+      setConn("closed", "ended");
+      return;
+    }
+    // Not something waiting fixes (a normal close without `exit`, kicked twice for falling behind, an
+    // unknown code): no automatic retry, but the person may try again.
+    const why =
+      code === 4408
+        ? "Disconnected: this terminal fell too far behind the session's output."
+        : code === 1000
+          ? "The server closed the connection."
+          : `Disconnected (close code ${code}).`;
+    term.options.disableStdin = true;
+    showBanner(why, "error", true);
+    setConn("disconnected", "ended");
+  }
+
+  function checkAlive(socket, sentAt) {
+    if (socket !== ws || lastHeard >= sentAt) return;
+    // Nothing heard since our ping: the connection is dead. Drop it without waiting for the browser.
+    socket.onclose = null;
+    socket.onmessage = null;
+    try {
+      socket.close();
+    } catch (e) {
+      /* already closing */
+    }
+    onLost(1006);
   }
 
   function connect() {
     if (over) return;
     const size = fitSize();
+    urlSize = size;
     const scheme = window.location.protocol === "https:" ? "wss" : "ws";
     const url = `${scheme}://${window.location.host}/ws/sessions/${sessionId}/?client=web&cols=${size.cols}&rows=${size.rows}`;
     generation += 1;
     received = 0;
     acked = 0;
     snapshotPending = false;
-    setConn("connecting…", "");
+    if (!policy.reconnecting) setConn("connecting…", "");
     const socket = new WebSocket(url);
     socket.binaryType = "arraybuffer";
     ws = socket;
     socket.onmessage = (event) => {
       if (socket !== ws) return;
+      lastHeard = Date.now();
       if (typeof event.data === "string") {
         let msg;
         try {
@@ -239,31 +452,30 @@ function mountTerminal(options) {
     };
     socket.onclose = (event) => {
       if (socket !== ws) return;
-      ws = null;
-      clearInterval(pingTimer);
-      if (FINAL_CLOSE_CODES.has(event.code)) {
-        if (!over) {
-          over = true;
-          ui.ended.hidden = false;
-          ui.ended.textContent = event.code === 4403 ? "Your access to this environment was revoked." : "session ended";
-          setConn("closed", "ended");
-        }
-        return;
-      }
-      scheduleReconnect();
+      onLost(event.code);
     };
     socket.onopen = () => {
+      if (socket !== ws) return;
+      lastHeard = Date.now();
       clearInterval(pingTimer);
-      pingTimer = setInterval(() => send({ type: "ping", t: Date.now() }), PING_EVERY_MS);
+      pingTimer = setInterval(() => {
+        const sentAt = Date.now();
+        send({ type: "ping", t: sentAt });
+        clearTimeout(pongTimer);
+        pongTimer = setTimeout(() => checkAlive(socket, sentAt), PONG_TIMEOUT_MS);
+      }, PING_EVERY_MS);
     };
   }
 
   term.onData((data) => {
-    if (canWrite && ws && ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(data));
+    if (!canWrite || over) return;
+    if (live()) ws.send(encoder.encode(data));
+    else if (policy.reconnecting) hold(encoder.encode(data)); // sent after the new connection's hello
   });
   term.onBinary((data) => {
-    // Mouse reports in legacy encodings: one byte per char code.
-    if (!canWrite || !ws || ws.readyState !== WebSocket.OPEN) return;
+    // Mouse reports in legacy encodings: one byte per char code. Not held while reconnecting: a
+    // click replayed later, on a redrawn screen, would land somewhere else.
+    if (!canWrite || !live()) return;
     const bytes = new Uint8Array(data.length);
     for (let i = 0; i < data.length; i++) bytes[i] = data.charCodeAt(i) & 0xff;
     ws.send(bytes);
@@ -279,6 +491,15 @@ function mountTerminal(options) {
         send({ type: "resize", cols: size.cols, rows: size.rows });
       }
     }, 150);
+  });
+
+  window.addEventListener("online", () => {
+    // The network is back: don't wait out the backoff.
+    if (reconnectTimer && !over) {
+      clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+      connect();
+    }
   });
 
   connect();

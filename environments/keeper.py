@@ -1,0 +1,376 @@
+"""The session keeper: where terminal sessions' shells live, so they outlive LSL's server processes.
+
+`lsl-keeper` (environments/keeper/keeper.c, a static binary) reaches every environment's container
+through a read-only volume per keeper version, mounted at /.lsl/bin (made once per engine: a volume
+mount costs nothing at container start, where copying the binary in cost ~50 ms), and runs as the
+container's main process (identity.boot_command). It
+owns each session's PTY and shell and keeps the last LSL_KEEPER_RING bytes of output with their
+stream offsets. A server attaches to a session, asks for output from an offset, and gets it live;
+after a restart (or kill -9) the next server attaches again and finds the shell as it was.
+
+Two ways in, same protocol (docs/protocol.md, "The session keeper"):
+* the fast path: the keeper's socket directory is bind-mounted from LSL_KEEPER_DIR/<env>/ on this
+  host, and the server connects to the Unix socket directly (no `docker exec`, no dockerd copy);
+* everywhere else (a remote engine, a container made before the mount existed): a TTY
+  `docker exec /.lsl/keeper attach`, a relay that puts its terminal in raw mode first.
+
+Threading: `open_link` and KeeperLink are asyncio (call on the event loop; the docker calls of the
+exec path run in the caller's docker executor); `list_sessions`, `kill_session` and `install` block
+(call them from a worker thread or off the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from environments import runtime
+
+log = logging.getLogger(__name__)
+
+BIN_DIR_IN_CONTAINER = "/.lsl/bin"
+BINARY_IN_CONTAINER = f"{BIN_DIR_IN_CONTAINER}/keeper"
+FALLBACK_BINARY = "/.lsl/keeper"  # copied into a container that has no keeper volume (made before keepers)
+# The relay, from whichever binary the container has.
+ATTACH_COMMAND = ["/bin/sh", "-c", f"[ -x {BINARY_IN_CONTAINER} ] && exec {BINARY_IN_CONTAINER} attach; "
+                                   f"exec {FALLBACK_BINARY} attach"]
+SOCKET_DIR_IN_CONTAINER = "/.lsl/run"
+SOCKET_IN_CONTAINER = f"{SOCKET_DIR_IN_CONTAINER}/keeper.sock"
+SOCKET_NAME = "keeper.sock"
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL
+READY = b"r\x00\x00\x00\x00"  # the exec relay's "raw mode is on" frame
+START_WAIT = 3.0  # seconds for a keeper started by `ensure_running` to open its socket
+
+
+class KeeperError(runtime.EngineError):
+    """The keeper could not be reached or refused a request (its message says which)."""
+
+
+# --- frames (pure) -------------------------------------------------------------------------
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + struct.pack(">I", len(payload)) + payload
+
+
+def open_request(session_id: str, *, argv: list[str], uid: int, gid: int, cwd: str, env: dict[str, str],
+                 cols: int, rows: int, from_offset: int, create: bool) -> bytes:
+    items = [f"id={session_id}", f"cols={cols}", f"rows={rows}", f"uid={uid}", f"gid={gid}", f"cwd={cwd}",
+             f"from={from_offset}", f"create={1 if create else 0}"]
+    items += [f"arg={a}" for a in argv] + [f"env={k}={v}" for k, v in env.items()]
+    for item in items:
+        if "\x00" in item:
+            raise ValueError("NUL in a keeper request")
+    return frame(b"O", b"".join(i.encode() + b"\x00" for i in items))
+
+
+def parse_fields(payload: bytes) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in payload.decode(errors="replace").split("\x00") if "=" in item)
+
+
+@dataclass(frozen=True)
+class Hello:
+    created: bool  # a new shell (False: an existing one, attached again)
+    pid: int
+    start: int  # the oldest output offset the keeper still has
+    end: int  # the offset of the next byte the shell will write
+    sent_from: int  # replay starts here (the requested offset, clamped to what is kept)
+    cols: int
+    rows: int
+    exited: bool
+
+    @classmethod
+    def parse(cls, payload: bytes) -> "Hello":
+        f = parse_fields(payload)
+        return cls(created=f.get("created") == "1", pid=int(f.get("pid", 0)), start=int(f.get("start", 0)),
+                   end=int(f.get("end", 0)), sent_from=int(f.get("from", 0)), cols=int(f.get("cols", 80)),
+                   rows=int(f.get("rows", 24)), exited=f.get("exited") == "1")
+
+
+@dataclass(frozen=True)
+class KeptSession:
+    session_id: str
+    pid: int
+    alive: bool
+    exit_code: int | None
+    offset: int
+    attached: bool
+
+
+def parse_list(payload: bytes) -> dict[str, KeptSession]:
+    sessions = {}
+    for line in payload.decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) != 6:
+            continue
+        sid, pid, alive, code, offset, attached = parts
+        sessions[sid] = KeptSession(sid, int(pid), alive == "1", None if alive == "1" else int(code), int(offset),
+                                    attached == "1")
+    return sessions
+
+
+# --- installation ----------------------------------------------------------------------------
+
+def binary() -> bytes:
+    path = Path(settings.LSL_KEEPER_BINARY)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeeperError(f"the session keeper binary {path} is missing: run scripts/build_keeper.sh ({exc})") from exc
+
+
+_volume_cache: dict[str, str] = {}  # binary path -> volume name
+
+
+def volume_name() -> str:
+    """One volume per keeper build, so an upgrade never changes the binary under a running container."""
+    key = str(settings.LSL_KEEPER_BINARY)
+    if key not in _volume_cache:
+        _volume_cache[key] = f"lsl-keeper-{hashlib.sha256(binary()).hexdigest()[:16]}"
+    return _volume_cache[key]
+
+
+def ensure_volume(image: str) -> None:
+    """Make the keeper's volume on this engine if it is not there yet (blocking; `image`: any image the
+    engine has, to host the copy)."""
+    name = volume_name()
+    # Asked every time (one cheap call): a volume removed behind LSL's back would otherwise be
+    # re-created empty by the engine at container create, and the container could not boot.
+    if not runtime.volume_exists(name):
+        runtime.fill_volume(name, image, {"keeper": (binary(), 0o755)}, labels={"lsl.keeper": "1"})
+
+
+def volume_mount() -> runtime.Mount:
+    return runtime.Mount(source=volume_name(), target=BIN_DIR_IN_CONTAINER, read_only=True, type="volume")
+
+
+def serve_command() -> list[str]:
+    return [BINARY_IN_CONTAINER, "serve", "--ring", str(settings.LSL_KEEPER_RING)]
+
+
+def host_dir(environment_id: Any) -> Path | None:
+    """This host's directory for an environment's keeper socket, or None if the fast path is off
+    (no LSL_KEEPER_DIR, or a path too long for a Unix socket)."""
+    base = settings.LSL_KEEPER_DIR
+    if not base:
+        return None
+    path = Path(base) / str(environment_id).replace("-", "")
+    if len(str(path / SOCKET_NAME)) > MAX_UNIX_PATH:
+        log.warning("keeper socket path %s is too long for a Unix socket; using docker exec", path)
+        return None
+    return path
+
+
+def container_mount(environment_id: Any) -> runtime.Mount | None:
+    """The bind mount that puts the keeper's socket where this host can reach it."""
+    path = host_dir(environment_id)
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)  # container users other than root cannot even look in
+    return runtime.Mount(source=str(path), target=SOCKET_DIR_IN_CONTAINER)
+
+
+def remove_host_dir(environment_id: Any) -> None:
+    path = host_dir(environment_id)
+    if path is not None and path.is_dir():
+        for child in path.iterdir():
+            child.unlink(missing_ok=True)
+        path.rmdir()
+
+
+def _host_socket(environment_id: Any) -> Path | None:
+    path = host_dir(environment_id)
+    return path / SOCKET_NAME if path is not None and (path / SOCKET_NAME).exists() else None
+
+
+def ensure_running(container_id: str) -> None:
+    """Start a keeper in a container that has none (made before keepers existed, or its keeper
+    died): copy it in and run it detached. Blocking."""
+    runtime.copy_into(container_id, {FALLBACK_BINARY: (binary(), 0o755)})
+    runtime.exec_detached(container_id, [FALLBACK_BINARY, "serve", "--ring", str(settings.LSL_KEEPER_RING)], user="0:0")
+
+
+# --- the link to one session (asyncio) -------------------------------------------------------
+
+DockerCall = Callable[..., Awaitable[Any]]
+
+
+class KeeperLink:
+    """One server's attachment to one session in a keeper."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: Any, path: str) -> None:
+        self.reader, self.writer = reader, writer
+        self._keep = keep  # the exec socket's docker-py wrapper must stay referenced (runtime.ExecSocket)
+        self.path = path  # "socket" or "exec": how it was reached (for logs and the bench)
+
+    async def read_frame(self) -> tuple[bytes, bytes]:
+        """The next frame; raises EOFError when the keeper (or the relay) hung up."""
+        try:
+            head = await self.reader.readexactly(5)
+            (length,) = struct.unpack(">I", head[1:])
+            payload = await self.reader.readexactly(length) if length else b""
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            raise EOFError(str(exc)) from exc
+        return head[:1], payload
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    def input(self, data: bytes) -> None:
+        self.send(frame(b"I", data))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.send(frame(b"R", struct.pack(">HH", cols, rows)))
+
+    def kill(self) -> None:
+        self.send(frame(b"K"))
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except (OSError, RuntimeError):
+            pass
+
+
+async def _connect(container_id: str, environment_id: Any, docker_call: DockerCall) -> KeeperLink:
+    path = _host_socket(environment_id)
+    if path is not None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=2 ** 22)
+            return KeeperLink(reader, writer, None, "socket")
+        except OSError as exc:
+            log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
+    return await _connect_by_exec(container_id, docker_call)
+
+
+async def _connect_by_exec(container_id: str, docker_call: DockerCall, *, started: bool = False) -> KeeperLink:
+    ex = await docker_call(runtime.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50,
+                           user="0:0")
+    ex.sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=ex.sock, limit=2 ** 22)
+    try:
+        ready = await asyncio.wait_for(reader.readexactly(5), timeout=5.0)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+        ready = b""
+    if ready == READY:
+        return KeeperLink(reader, writer, ex, "exec")
+    writer.close()
+    if started:
+        raise KeeperError(f"the session keeper did not answer in this container ({ready!r})")
+    # No keeper (an older container, or it died; the relay says "cannot reach" or is not even
+    # there): start one and try once more.
+    log.info("no session keeper in %s (%r); starting one", container_id[:12], ready)
+    await docker_call(ensure_running, container_id)
+    await asyncio.sleep(0.2)
+    return await _connect_by_exec(container_id, docker_call, started=True)
+
+
+async def open_link(container_id: str, environment_id: Any, docker_call: DockerCall, request: bytes) -> tuple[KeeperLink, Hello]:
+    """Attach to a session (creating its shell if the request says so); returns the link and the
+    keeper's hello. Output frames follow on the link."""
+    link = await _connect(container_id, environment_id, docker_call)
+    link.send(request)
+    kind, payload = await asyncio.wait_for(link.read_frame(), timeout=10.0)
+    if kind == b"E":
+        link.close()
+        raise KeeperError(payload.decode(errors="replace"))
+    if kind != b"H":
+        link.close()
+        raise KeeperError(f"unexpected first frame from the keeper: {kind!r}")
+    return link, Hello.parse(payload)
+
+
+# --- one-shot requests (blocking) ----------------------------------------------------------
+
+def _request_blocking(container_id: str, environment_id: Any, request: bytes, timeout: float = 5.0) -> tuple[bytes, bytes]:
+    path = _host_socket(environment_id)
+    if path is not None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(str(path))
+                sock.sendall(request)
+                return _read_frame_blocking(sock)
+        except OSError as exc:
+            log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
+    ex = runtime.exec_open_tty(container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
+    sock = ex.sock
+    try:
+        sock.settimeout(timeout)
+        ready = _recv_exactly(sock, 5)
+        if ready != READY:
+            raise KeeperError(f"no session keeper in this container ({ready!r})")
+        sock.sendall(request)
+        return _read_frame_blocking(sock)
+    except OSError as exc:
+        raise KeeperError(f"the session keeper did not answer: {exc}") from exc
+    finally:
+        sock.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise KeeperError("the session keeper hung up")
+        data += chunk
+    return data
+
+
+def _read_frame_blocking(sock: socket.socket) -> tuple[bytes, bytes]:
+    head = _recv_exactly(sock, 5)
+    (length,) = struct.unpack(">I", head[1:])
+    return head[:1], (_recv_exactly(sock, length) if length else b"")
+
+
+def list_sessions(container_id: str, environment_id: Any) -> dict[str, KeptSession]:
+    """The sessions the keeper holds (raises KeeperError if it cannot be reached)."""
+    kind, payload = _request_blocking(container_id, environment_id, frame(b"L"))
+    if kind != b"l":
+        raise KeeperError(payload.decode(errors="replace") or f"unexpected answer {kind!r}")
+    return parse_list(payload)
+
+
+def kill_session(container_id: str, environment_id: Any, session_id: str) -> bool:
+    """HUP the session's shell (and KILL it a moment later). False if the keeper does not know it."""
+    kind, _payload = _request_blocking(container_id, environment_id, frame(b"K", session_id.encode()))
+    return kind == b"k"
+
+
+def forget_session(container_id: str, environment_id: Any, session_id: str) -> None:
+    """Drop an exited session's record (its output and exit code) once the server has recorded the end."""
+    try:
+        _request_blocking(container_id, environment_id, frame(b"F", session_id.encode()))
+    except runtime.EngineError as exc:
+        log.debug("keeper: forgetting %s failed: %s", session_id, exc)
+
+
+def wait_ready(container_id: str, environment_id: Any, timeout: float = START_WAIT) -> bool:
+    """Poll until the keeper answers (used by tests and after `ensure_running`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            list_sessions(container_id, environment_id)
+            return True
+        except runtime.EngineError:
+            time.sleep(0.05)
+    return False
