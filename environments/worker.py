@@ -193,7 +193,8 @@ class Worker:
             woken = None
         wake.relay_redis_in_thread("tasks", self.stopping)
 
-        def run(task_result: Any) -> None:
+        def run(task_result: Any, started: threading.Event) -> None:
+            started.set()
             try:
                 refresh_connections()
                 runner.run_task(task_result)
@@ -230,7 +231,11 @@ class Worker:
                 continue
             with self._busy_lock:
                 self.busy += 1
-            pool.submit(run, task_result)
+            started = threading.Event()
+            pool.submit(run, task_result, started)
+            # The task's thread goes first: looking for more work (for a burst) can wait that long,
+            # and would otherwise contend with it for the GIL just as it starts.
+            started.wait(1.0)
         pool.shutdown(wait=False)
         if woken is not None:
             woken.close()

@@ -373,7 +373,8 @@ def test_export_then_create_from_yaml_reproduces_the_environment(people: Any, ma
             assert getattr(copy, attr) == getattr(env, attr), attr
         assert copy.mounts == env.mounts and copy.name == "copy"
         info = runtime.inspect_container(copy.container_id)
-        assert {m["Destination"] for m in info["Mounts"]} == {"/workspace", "/src", "/cache"}
+        # Its own mounts, plus the session keeper's binary and socket directory (environments/keeper.py).
+        assert {m["Destination"] for m in info["Mounts"]} == {"/workspace", "/src", "/cache", "/.lsl/bin", "/.lsl/run"}
         assert info["HostConfig"]["NanoCpus"] == int(0.5e9) and info["HostConfig"]["Memory"] == 256 * 1024 * 1024
 
         # Same name twice: reported at the name in the file (JSON body form).
