@@ -50,6 +50,7 @@ SOCKET_IN_CONTAINER = f"{SOCKET_DIR_IN_CONTAINER}/keeper.sock"
 SOCKET_NAME = "keeper.sock"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL
 READY = b"r\x00\x00\x00\x00"  # the exec relay's "raw mode is on" frame
+READ_SIZE = 1 << 20
 START_WAIT = 3.0  # seconds for a keeper started by `ensure_running` to open its socket
 
 
@@ -72,6 +73,33 @@ def open_request(session_id: str, *, argv: list[str], uid: int, gid: int, cwd: s
         if "\x00" in item:
             raise ValueError("NUL in a keeper request")
     return frame(b"O", b"".join(i.encode() + b"\x00" for i in items))
+
+
+def split_frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
+    """Take every complete frame off the front of `buf` (which keeps the incomplete rest)."""
+    frames, offset = [], 0
+    while len(buf) - offset >= 5:
+        (length,) = struct.unpack_from(">I", buf, offset + 1)
+        if len(buf) - offset - 5 < length:
+            break
+        frames.append((bytes(buf[offset:offset + 1]), bytes(buf[offset + 5:offset + 5 + length])))
+        offset += 5 + length
+    del buf[:offset]
+    return frames
+
+
+def coalesce_output(frames: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Merge runs of contiguous `D` frames into one (the PTY hands a flood over in ~1.4 KiB reads;
+    passed on one by one, each would be a channel-layer message)."""
+    merged: list[tuple[bytes, bytes]] = []
+    for kind, payload in frames:
+        if kind == b"D" and merged and merged[-1][0] == b"D":
+            last = merged[-1][1]
+            if int.from_bytes(last[:8], "big") + len(last) - 8 == int.from_bytes(payload[:8], "big"):
+                merged[-1] = (b"D", last + payload[8:])
+                continue
+        merged.append((kind, payload))
+    return merged
 
 
 def parse_fields(payload: bytes) -> dict[str, str]:
@@ -213,16 +241,30 @@ class KeeperLink:
         self.reader, self.writer = reader, writer
         self._keep = keep  # the exec socket's docker-py wrapper must stay referenced (runtime.ExecSocket)
         self.path = path  # "socket" or "exec": how it was reached (for logs and the bench)
+        self._buf = bytearray()
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    async def read_frames(self) -> list[tuple[bytes, bytes]]:
+        """Every complete frame that has arrived (at least one: waits for it), in order; raises
+        EOFError when the keeper (or the relay) hung up. Taking all that is there at once lets the
+        caller pass a flood on in large pieces, whatever size the PTY handed it over in."""
+        while True:
+            frames = split_frames(self._buf)
+            if frames:
+                return frames
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                raise EOFError(str(exc)) from exc
+            if not data:
+                raise EOFError("the keeper hung up")
+            self._buf += data
 
     async def read_frame(self) -> tuple[bytes, bytes]:
-        """The next frame; raises EOFError when the keeper (or the relay) hung up."""
-        try:
-            head = await self.reader.readexactly(5)
-            (length,) = struct.unpack(">I", head[1:])
-            payload = await self.reader.readexactly(length) if length else b""
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            raise EOFError(str(exc)) from exc
-        return head[:1], payload
+        """The next frame (see read_frames)."""
+        if not self._pending:
+            self._pending = await self.read_frames()
+        return self._pending.pop(0)
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():

@@ -170,8 +170,12 @@ class Worker:
         """One thread polls and claims; up to `threads` tasks run at once on a pool.
 
         Polling is a cheap read (`exists`) every LSL_WORKER_POLL_INTERVAL; only when something is
-        ready does it take the claim transaction, which on SQLite holds the write lock. A wake-up
-        means a task was just queued (committed): it goes straight to the claim, skipping the read.
+        ready does it take the claim transaction, which on SQLite holds the write lock. Each wake-up
+        announces one task just queued (committed): announced tasks are claimed straight away,
+        without the read, and once the last one announced is claimed the claimer waits again rather
+        than look for more, so that the task's thread starts without it (a task queued meanwhile has
+        woken it already; one whose wake-up was lost is found by the next poll). A task found by
+        polling is followed by another look at once (a burst queued without wake-ups).
         The claimer and the pool's threads keep their database connections (refresh_connections).
         """
         from concurrent.futures import ThreadPoolExecutor
@@ -193,8 +197,7 @@ class Worker:
             woken = None
         wake.relay_redis_in_thread("tasks", self.stopping)
 
-        def run(task_result: Any, started: threading.Event) -> None:
-            started.set()
+        def run(task_result: Any) -> None:
             try:
                 refresh_connections()
                 runner.run_task(task_result)
@@ -203,7 +206,7 @@ class Worker:
                     self.busy -= 1
                 free.release()
 
-        woke = False  # the last wait ended with a wake-up (enqueue_provisioning's)
+        announced = 0  # wake-ups read and not yet answered by a claim: each announced one queued task
         while not self.stopping.is_set():
             if not free.acquire(timeout=poll):
                 continue  # every runner is busy: claim nothing, leave it to other workers
@@ -211,7 +214,7 @@ class Worker:
             try:
                 refresh_connections()
                 ready = DBTaskResult.objects.ready().filter(backend_name="default")
-                if woke or ready.exists():
+                if announced or ready.exists():
                     with exclusive_transaction(ready.db):
                         task_result = ready.get_locked()
                         if task_result is not None:
@@ -221,21 +224,24 @@ class Worker:
                     log.warning("claiming a task failed: %s", exc)
             except Exception:
                 log.exception("claiming a task failed")
-            woke = False  # after a claim, look again (a burst) with the read: it takes no write lock
             if task_result is None:
                 free.release()
                 if woken is not None:
-                    woke = woken.wait(poll)
+                    announced = woken.wait(poll)
                 else:
                     self.stopping.wait(poll)
                 continue
             with self._busy_lock:
                 self.busy += 1
-            started = threading.Event()
-            pool.submit(run, task_result, started)
-            # The task's thread goes first: looking for more work (for a burst) can wait that long,
-            # and would otherwise contend with it for the GIL just as it starts.
-            started.wait(1.0)
+            pool.submit(run, task_result)
+            if announced == 1 and woken is not None:
+                # The one task announced is claimed: wait for the next wake-up (a task queued meanwhile
+                # has sent one already) instead of looking again now, so that its thread starts alone.
+                announced = woken.wait(poll)
+            else:
+                # More were announced (claim the next at once), or this one was found by polling (a
+                # burst that came without wake-ups: look again now, with the read).
+                announced = max(announced - 1, 0)
         pool.shutdown(wait=False)
         if woken is not None:
             woken.close()

@@ -60,15 +60,15 @@ class Listener:
             except OSError:
                 return count
 
-    def wait(self, timeout: float) -> bool:
-        """Block up to `timeout` seconds for a wake-up (for threads); True if woken."""
+    def wait(self, timeout: float) -> int:
+        """Block up to `timeout` seconds for a wake-up (for threads); returns how many were read (each
+        notify sends one), 0 if none came."""
         import select
 
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if ready:
-            self.drain()
-            return True
-        return False
+            return max(self.drain(), 1)
+        return 0
 
     def close(self) -> None:
         try:

@@ -147,41 +147,50 @@ class Hub:
 
     async def _read_pty(self) -> None:
         assert self.link is not None
-        while True:
+        ended = False
+        while not ended:
             try:
-                kind, payload = await self.link.read_frame()
+                frames = keeper.coalesce_output(await self.link.read_frames())
             except EOFError as exc:
                 log.info("session %s: keeper link closed: %s", self.session_id, exc)
                 if self.end_reason is None and not self.finished.is_set() and await self._reattach():
                     continue
                 break
-            if kind == b"D":
-                start = int.from_bytes(payload[:8], "big")
-                data = payload[8:]
-                if start != self.offset:
-                    # Only possible at a takeover whose replay lost older bytes; say so in the log.
-                    log.info("session %s: stream jumps %d -> %d", self.session_id, self.offset, start)
-                self.offset = start + len(data)
-                self.screen.append(data)
-                if self.offset > self.record_from:
-                    self.recorder.output(data[max(0, self.record_from - start):])
-                await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": time.time()})
-                self._schedule_quiet_flush()
-                await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
-            elif kind == b"X":
-                self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
-                break
-            elif kind == b"T":
-                # Another process attached to this session: it owns it now. Not an end.
-                log.warning("session %s: taken over by another process; stopping here", self.session_id)
-                self.superseded = True
-                break
-            elif kind == b"E":
-                log.warning("session %s: keeper error: %s", self.session_id, payload.decode(errors="replace"))
+            for kind, payload in frames:
+                ended = await self._on_frame(kind, payload)
+                if ended:
+                    break
         if self.superseded:
             await self._stand_down()
         else:
             await self._on_pty_closed()
+
+    async def _on_frame(self, kind: bytes, payload: bytes) -> bool:
+        """Handle one frame from the keeper; True when the stream is over (exit, or taken over)."""
+        if kind == b"D":
+            start = int.from_bytes(payload[:8], "big")
+            data = payload[8:]
+            if start != self.offset:
+                # Only possible at a takeover whose replay lost older bytes; say so in the log.
+                log.info("session %s: stream jumps %d -> %d", self.session_id, self.offset, start)
+            self.offset = start + len(data)
+            self.screen.append(data)
+            if self.offset > self.record_from:
+                self.recorder.output(data[max(0, self.record_from - start):])
+            await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": time.time()})
+            self._schedule_quiet_flush()
+            await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
+        elif kind == b"X":
+            self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
+            return True
+        elif kind == b"T":
+            # Another process attached to this session: it owns it now. Not an end.
+            log.warning("session %s: taken over by another process; stopping here", self.session_id)
+            self.superseded = True
+            return True
+        elif kind == b"E":
+            log.warning("session %s: keeper error: %s", self.session_id, payload.decode(errors="replace"))
+        return False
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
         """Send to every participant. With the channel layer (Redis) down, the message is lost, not

@@ -181,6 +181,14 @@ def stop_task_claimer(w: worker.Worker, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
+def wait_listening(var_dir: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not list((var_dir / "wake").glob("tasks-*.sock")):
+        assert time.monotonic() < deadline, "the claimer never listened"
+        time.sleep(0.01)
+    time.sleep(0.1)  # past its first (empty) look: now it waits for a wake-up
+
+
 def wait_finished(env_id: Any, timeout: float) -> float:
     from django_tasks_db.models import DBTaskResult
 
@@ -196,11 +204,7 @@ def wait_finished(env_id: Any, timeout: float) -> float:
 def test_a_woken_worker_claims_the_task_at_once(short_var_dir: Path, settings: Any) -> None:
     w, thread = run_task_claimer(30.0, settings)  # a poll would come far too late
     try:
-        deadline = time.monotonic() + 10
-        while not list((short_var_dir / "wake").glob("tasks-*.sock")):
-            assert time.monotonic() < deadline, "the claimer never listened"
-            time.sleep(0.01)
-        time.sleep(0.1)  # past its first (empty) look: now it waits for a wake-up
+        wait_listening(short_var_dir)
         for _ in range(3):  # one after the other: each is claimed on its own wake-up
             env_id = uuid.uuid4()  # no such row: provisioning it does nothing
             tasks.enqueue_provisioning(env_id)  # outside a transaction: queued and woken at once
@@ -210,11 +214,30 @@ def test_a_woken_worker_claims_the_task_at_once(short_var_dir: Path, settings: A
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
-def test_without_a_wake_up_the_worker_still_finds_the_task_by_polling(short_var_dir: Path, settings: Any) -> None:
+def test_a_burst_queued_in_one_transaction_is_claimed_on_its_wake_ups(short_var_dir: Path, settings: Any) -> None:
+    from django.db import transaction
+
+    w, thread = run_task_claimer(30.0, settings)  # one runner: each task waits for the one before
+    try:
+        wait_listening(short_var_dir)
+        env_ids = [uuid.uuid4() for _ in range(3)]
+        with transaction.atomic():
+            for env_id in env_ids:
+                tasks.enqueue_provisioning(env_id)  # three wake-ups, sent on commit
+        for env_id in env_ids:
+            wait_finished(env_id, timeout=5)
+    finally:
+        stop_task_claimer(w, thread)
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_without_wake_ups_the_worker_still_finds_every_task_by_polling(short_var_dir: Path, settings: Any) -> None:
     w, thread = run_task_claimer(0.05, settings)
     try:
-        env_id = uuid.uuid4()
-        tasks.provision_environment.enqueue(str(env_id))  # queued with no wake-up (a lost one)
-        wait_finished(env_id, timeout=5)
+        env_ids = [uuid.uuid4() for _ in range(3)]
+        for env_id in env_ids:
+            tasks.provision_environment.enqueue(str(env_id))  # queued with no wake-up (lost ones)
+        for env_id in env_ids:
+            wait_finished(env_id, timeout=5)
     finally:
         stop_task_claimer(w, thread)

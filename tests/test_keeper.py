@@ -111,3 +111,17 @@ def test_it_rejects_a_plain_container_user(people: Any, make_env: Any) -> None:
     assert user.exit_code != 0 and b"cannot reach the keeper" in user.output
     root = runtime.exec_run(env.container_id, ["ls", "-ld", keeper.SOCKET_DIR_IN_CONTAINER])
     assert root.output.startswith(b"drwx------"), root.output
+
+
+def test_frames_split_at_any_boundary_and_contiguous_output_merges() -> None:
+    stream = (keeper.frame(b"D", (0).to_bytes(8, "big") + b"abc") + keeper.frame(b"D", (3).to_bytes(8, "big") + b"de")
+              + keeper.frame(b"D", (9).to_bytes(8, "big") + b"z") + keeper.frame(b"X", (3).to_bytes(4, "big")))
+    for cut in range(len(stream) + 1):
+        buf = bytearray(stream[:cut])
+        frames = keeper.split_frames(buf)
+        buf += stream[cut:]
+        frames += keeper.split_frames(buf)
+        assert not buf and [k for k, _ in frames] == [b"D", b"D", b"D", b"X"]
+    merged = keeper.coalesce_output(frames)
+    assert merged == [(b"D", (0).to_bytes(8, "big") + b"abcde"), (b"D", (9).to_bytes(8, "big") + b"z"),
+                      (b"X", (3).to_bytes(4, "big"))]  # a gap (5..9) is not papered over
