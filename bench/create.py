@@ -509,7 +509,7 @@ def server_phase_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
          lambda r: _sub(server_time(r, "creating"), server_time(r, "queued"))),
         ("docker create + start (phase creating -> user)",
          lambda r: _sub(server_time(r, "user"), server_time(r, "creating"))),
-        ("identity exec + mark running (phase user -> ready)",
+        ("identity read + mark running (phase user -> ready)",
          lambda r: _sub(server_time(r, "ready", "running"), server_time(r, "user"))),
         ("`running` event: published -> delivered to client",
          lambda r: _sub(received(r, "ready", "running"), server_time(r, "ready", "running"))),

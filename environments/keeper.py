@@ -35,7 +35,7 @@ from typing import Any
 
 from django.conf import settings
 
-from environments import runtime
+from environments import identity, runtime
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,20 @@ def container_mount(environment_id: Any) -> runtime.Mount | None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)  # container users other than root cannot even look in
     return runtime.Mount(source=str(path), target=SOCKET_DIR_IN_CONTAINER)
+
+
+def boot_identity_file(environment_id: Any) -> Path | None:
+    """Where this host sees the LSL-IDENTITY line the container's boot script leaves (identity.IDENTITY_FILE)."""
+    path = host_dir(environment_id)
+    return path / identity.IDENTITY_NAME if path is not None else None
+
+
+def clear_boot_identity(environment_id: Any) -> None:
+    """Before a start: a line (or a socket) left by an earlier start must not be taken for this one's."""
+    path = boot_identity_file(environment_id)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        (path.parent / SOCKET_NAME).unlink(missing_ok=True)
 
 
 def remove_host_dir(environment_id: Any) -> None:

@@ -163,6 +163,7 @@ def _provision(env: Environment) -> None:
     env.container_id = container_id
     # 4. start
     if state is None or not state.running:
+        keeper.clear_boot_identity(env.id)
         _with_engine_retry("starting the container", lambda: runtime.start_container(container_id))
     # 5. the environment user
     _progress(env, phase="user", **pulled)
@@ -250,7 +251,7 @@ def ensure_identity(env: Environment, *, boot_wait: float = 5.0) -> dict[str, An
     log: read that first. A container made before LSL did that, or one whose boot script failed,
     gets the script through an exec, which also reports what went wrong.
     """
-    found = _identity_from_boot_log(services.require_container(env), boot_wait)
+    found = _identity_from_boot_file(env, boot_wait) or _identity_from_boot_log(services.require_container(env), boot_wait)
     if found is not None:
         _share_team_volumes(env)
         env.identity = found
@@ -272,6 +273,25 @@ def ensure_identity(env: Environment, *, boot_wait: float = 5.0) -> dict[str, An
 
 
 _NOT_RUNNING = runtime.ContainerState(container_id="", environment_id="", status="removed")
+
+
+def _identity_from_boot_file(env: Environment, wait: float) -> dict[str, Any] | None:
+    """The boot script's LSL-IDENTITY line from the file it leaves in the keeper's directory on this
+    host (a local read every 2 ms; no engine call). None without that directory, or once the
+    keeper's socket is up with no file (the script ran before it: it failed, or is an older one)."""
+    path = keeper.boot_identity_file(env.id)
+    if path is None or not path.parent.is_dir():
+        return None
+    socket_path = path.parent / keeper.SOCKET_NAME
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            return identity.parse_identity(path.read_bytes())
+        except FileNotFoundError:
+            if socket_path.exists() and not path.exists():
+                return None
+        time.sleep(0.002)
+    return None
 
 
 def _identity_from_boot_log(container_id: str, wait: float) -> dict[str, Any] | None:

@@ -310,6 +310,7 @@ def start_environment(env: Environment) -> Environment:
             env.identity = {}  # a new container has no user yet
             env.save(update_fields=["container_id", "identity", "updated_at"])
         if state is None or not state.running:
+            keeper.clear_boot_identity(env.id)
             runtime.start_container(env.container_id)
         if not env.identity:
             from environments.provisioning import ensure_identity
