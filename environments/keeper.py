@@ -263,7 +263,7 @@ class KeeperLink:
         EOFError when the keeper (or the relay) hung up. Taking all that is there at once lets the
         caller pass a flood on in large pieces, whatever size the PTY handed it over in."""
         while True:
-            frames = split_frames(self._buf)
+            frames, self._pending = self._pending + split_frames(self._buf), []
             if frames:
                 return frames
             try:

@@ -125,3 +125,16 @@ def test_frames_split_at_any_boundary_and_contiguous_output_merges() -> None:
     merged = keeper.coalesce_output(frames)
     assert merged == [(b"D", (0).to_bytes(8, "big") + b"abcde"), (b"D", (9).to_bytes(8, "big") + b"z"),
                       (b"X", (3).to_bytes(4, "big"))]  # a gap (5..9) is not papered over
+
+
+def test_frames_that_came_with_the_hello_are_not_lost() -> None:
+    """The keeper sends its replay right behind the hello: one read takes both."""
+    async def scenario() -> list[tuple[bytes, bytes]]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(keeper.frame(b"H", b"created=0") + keeper.frame(b"D", (0).to_bytes(8, "big") + b"replayed"))
+        reader.feed_eof()
+        link = keeper.KeeperLink(reader, None, None, "test")  # type: ignore[arg-type]
+        assert (await link.read_frame())[0] == b"H"
+        return await link.read_frames()
+
+    assert asyncio.run(scenario()) == [(b"D", (0).to_bytes(8, "big") + b"replayed")]

@@ -6,8 +6,11 @@ reaper), and the session keeper in a real container.
   participant follows the session to the survivor, which takes it over: same shell, same state.
 * The owner is killed and nobody comes back: within the reattach grace the worker ends the session
   as `server_lost` and the keeper kills the shell; nothing stays `live` with nobody serving it.
-* The only server is killed with -9 and started again on the same port: clients reconnect (as the
-  browser and `lsl shell` do) and find the same screen, the same shell, and a background job's output.
+* The only server is killed with -9 (or stopped) and started again on the same port: `lsl shell`
+  and a browser-protocol client reconnect by themselves and find the same screen, the same shell,
+  and a background job's output.
+* Redis dies for 15 s under two daphnes: terminals say why and reconnect; afterwards every session
+  resumes, and `end` ends it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import requests
 from environments import keeper
 from sessions.models import TerminalSession
 from tests.conftest import docker_cli, start_daphne, stop_daphne
+from tests.test_cli import Cli, finish, spawn_shell
 from tests.test_sessions import Cast
 from tests.wsclient import TermClient
 
@@ -144,17 +148,21 @@ def reconnecting_client(url: str, token: str, deadline: float) -> TermClient:
 
 
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
-def test_server_restart_loses_no_shell(people: Any, make_env: Any, how: str) -> None:
+def test_server_restart_loses_no_shell(people: Any, make_env: Any, how: str, tmp_path: Any) -> None:
+    """`lsl shell` (alice, in a real pseudo-terminal) and a browser-protocol client (bob) share a
+    shell; the only server is killed (or stopped) and started again on the same port."""
     server = start_daphne(None, "daphne-restart")
     port = server.url.rsplit(":", 1)[1]
+    shell = None
     try:
         cast = Cast(people, make_env, server)
         session = cast.open_session()
         sid = session["id"]
-        alice = cast.join(session, "alice")
+        shell = spawn_shell(Cli(server.url, tmp_path / "alice", token=cast.tokens["alice"]), cast.env.name, "--session", sid)
+        shell.expect(r"\[lsl\] .*Enter ~ \. to detach")
         bob = cast.join(session, "bob")
-        alice.send_input("cd /tmp; X=42; head -c 65536 /dev/urandom > /workspace/data.bin; (sleep 6; echo done-$X) &\r")
-        alice.send_input("echo ready-$X\r")
+        shell.send("cd /tmp; X=42; head -c 65536 /dev/urandom > /workspace/data.bin; (sleep 6; echo done-$X) &\r")
+        shell.send("echo ready-$X\r")
         bob.wait_output(b"ready-42")
         digest = workspace_digest(cast.env.container_id)
         pid = kept(cast, sid).pid  # type: ignore[union-attr]
@@ -166,25 +174,30 @@ def test_server_restart_loses_no_shell(people: Any, make_env: Any, how: str) -> 
             reason = bob.wait_event("error", timeout=5)
             assert reason["code"] == "server_restarting", reason
         server.proc.wait(timeout=10)
-        for client in (alice, bob):
-            assert client.closed.wait(5)
+        assert bob.closed.wait(5)
+        shell.expect_exact("connection lost, reconnecting", timeout=10)
         restarted_at = time.monotonic()
         server = start_daphne(None, "daphne-restart", port=int(port))
-        deadline = restarted_at + 10
-        alice = reconnecting_client(session["ws_url"], cast.tokens["alice"], deadline)
-        bob = reconnecting_client(session["ws_url"], cast.tokens["bob"], deadline)
+        shell.expect_exact("lsl: reconnected", timeout=10)
+        bob = reconnecting_client(session["ws_url"], cast.tokens["bob"], restarted_at + 10)
         back = time.monotonic() - restarted_at
         assert back < 10, f"clients back only after {back:.1f}s"
-        screen = "\n".join(bob.screen.display)
-        assert "ready-42" in screen, screen  # the same screen
+        wait_until(lambda: "ready-42" in "\n".join(bob.text()), 5, "the same screen for bob")  # the snapshot's bytes
+        shell.expect_exact("ready-42", timeout=5)  # lsl shell redrew it from the snapshot
         # The background job of the shell that lived on (its output may be on the snapshot already).
         wait_until(lambda: "done-42" in "\n".join(bob.text()), 15, "done-42 on bob's screen")
-        alice.send_input("echo again-$X-$PWD\r")
-        alice.wait_output(b"again-42-/tmp")
+        shell.expect_exact("done-42", timeout=15)
+        shell.send("echo again-$X-$PWD\r")
+        shell.expect_exact("again-42-/tmp")
+        bob.wait_output(b"again-42-/tmp")
         assert kept(cast, sid).pid == pid  # type: ignore[union-attr]
         assert workspace_digest(cast.env.container_id) == digest
         assert TerminalSession.objects.get(pk=sid).ended_at is None
+        shell.send("\r~.")
+        assert finish(shell) == 0
     finally:
+        if shell is not None and shell.isalive():
+            shell.terminate(force=True)
         if server.proc.poll() is None:
             stop_daphne(server)
 
@@ -221,7 +234,7 @@ def test_terminals_degrade_then_heal_across_a_redis_outage(people: Any, make_env
 
         alice = reconnecting_client(session["ws_url"], cast.tokens["alice"], back_at + 10)
         bob = reconnecting_client(bob_url, cast.tokens["bob"], back_at + 10)
-        assert "set-42" in "\n".join(bob.text())  # the same screen
+        wait_until(lambda: "set-42" in "\n".join(bob.text()), 5, "the same screen for bob")
         bob.send_input("echo still-$X\r")
         alice.wait_output(b"still-42")  # output flows to both again: no zombie hub
         assert kept(cast, sid).pid == pid  # type: ignore[union-attr]
