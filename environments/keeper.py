@@ -88,15 +88,19 @@ def split_frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
     return frames
 
 
-def coalesce_output(frames: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Merge runs of contiguous `D` frames into one (the PTY hands a flood over in ~1.4 KiB reads;
-    passed on one by one, each would be a channel-layer message)."""
+MAX_MERGED = 256 * 1024  # a merged chunk becomes one websocket frame: well under daphne's 1 MiB cap
+
+
+def coalesce_output(frames: list[tuple[bytes, bytes]], limit: int = MAX_MERGED, header: int = 16) -> list[tuple[bytes, bytes]]:
+    """Merge runs of contiguous `D` frames into one, up to `limit` bytes (the PTY hands a flood over
+    in ~1.4 KiB reads; passed on one by one, each would be a channel-layer message). A merged frame
+    keeps its first piece's header: its offset, and its read time (the oldest: lag is never understated)."""
     merged: list[tuple[bytes, bytes]] = []
     for kind, payload in frames:
-        if kind == b"D" and merged and merged[-1][0] == b"D":
+        if kind == b"D" and merged and merged[-1][0] == b"D" and len(merged[-1][1]) + len(payload) - 2 * header <= limit:
             last = merged[-1][1]
-            if int.from_bytes(last[:8], "big") + len(last) - 8 == int.from_bytes(payload[:8], "big"):
-                merged[-1] = (b"D", last + payload[8:])
+            if int.from_bytes(last[:8], "big") + len(last) - header == int.from_bytes(payload[:8], "big"):
+                merged[-1] = (b"D", last + payload[header:])
                 continue
         merged.append((kind, payload))
     return merged
@@ -108,6 +112,7 @@ def parse_fields(payload: bytes) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Hello:
+    version: int
     created: bool  # a new shell (False: an existing one, attached again)
     pid: int
     start: int  # the oldest output offset the keeper still has
@@ -120,7 +125,7 @@ class Hello:
     @classmethod
     def parse(cls, payload: bytes) -> "Hello":
         f = parse_fields(payload)
-        return cls(created=f.get("created") == "1", pid=int(f.get("pid", 0)), start=int(f.get("start", 0)),
+        return cls(version=int(f.get("version", 1)), created=f.get("created") == "1", pid=int(f.get("pid", 0)), start=int(f.get("start", 0)),
                    end=int(f.get("end", 0)), sent_from=int(f.get("from", 0)), cols=int(f.get("cols", 80)),
                    rows=int(f.get("rows", 24)), exited=f.get("exited") == "1")
 
@@ -257,6 +262,14 @@ class KeeperLink:
         self.path = path  # "socket" or "exec": how it was reached (for logs and the bench)
         self._buf = bytearray()
         self._pending: list[tuple[bytes, bytes]] = []
+        self.header = 16  # a `D` frame's offset and read time (8 + 8 bytes); version 1 keepers send no time
+
+    def output(self, payload: bytes) -> tuple[int, float | None, bytes]:
+        """A `D` frame's (stream offset, when the keeper read it from the PTY (epoch seconds), bytes)."""
+        offset = int.from_bytes(payload[:8], "big")
+        if self.header == 8:
+            return offset, None, payload[8:]
+        return offset, int.from_bytes(payload[8:16], "big") / 1e6, payload[16:]
 
     async def read_frames(self) -> list[tuple[bytes, bytes]]:
         """Every complete frame that has arrived (at least one: waits for it), in order; raises
@@ -351,7 +364,9 @@ async def open_link(container_id: str, environment_id: Any, docker_call: DockerC
     if kind != b"H":
         link.close()
         raise KeeperError(f"unexpected first frame from the keeper: {kind!r}")
-    return link, Hello.parse(payload)
+    hello = Hello.parse(payload)
+    link.header = 16 if hello.version >= 2 else 8
+    return link, hello
 
 
 # --- one-shot requests (blocking) ----------------------------------------------------------

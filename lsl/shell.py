@@ -416,7 +416,8 @@ class Attachment:
         self.received += len(data)
         # Ack well before window/2 so a client that keeps up is never paused by the server;
         # a snapshot (a resync) is acked at once so live output resumes without waiting.
-        if self.snapshot_pending or self.received - self.acked >= max(1, self.window // 4):
+        # Every 64 KiB at most: the server bounds a participant's lag in time as well as bytes (docs/protocol.md).
+        if self.snapshot_pending or self.received - self.acked >= max(1, min(self.window // 4, 64 * 1024)):
             self.snapshot_pending = False
             self._ack()
 

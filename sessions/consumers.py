@@ -8,6 +8,7 @@ PTY or anyone else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -35,6 +36,9 @@ WATCH_EVERY = 2.0  # stalled participants and lost snapshots are looked at this 
 HUB_EXIT_GRACE = 1.0  # seconds a `session.ended` event waits for the hub's own exit frame
 SNAPSHOT_RETRY = 5.0  # a snapshot request unanswered this long (its answer was dropped) is repeated
 ROLE_DENIED_AUDIT_EVERY = 5.0
+# The time bound applies once a client holds more than this unacknowledged (clients ack every 64 KiB
+# or so, and when output pauses): below it, a quiet terminal's last chunk is simply not acked yet.
+LAG_MIN_BYTES = 256 * 1024
 # Close codes for "reconnect": RFC 6455's 1012 (service restart) and 1013 (try again later) in the
 # application range, because autobahn (daphne) lets a server send only 1000 or 3000-4999.
 CLOSE_RESTARTING = 4012
@@ -104,12 +108,13 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.client_kind = client if client in ClientKind.values else ClientKind.OTHER
         self.window = int(settings.LSL_SESSION_WINDOW)
         self.sent = self.acked = 0
+        self.inflight: collections.deque[tuple[int, float]] = collections.deque()  # (sent total, hub read time)
         self.expected_offset: int | None = None  # None until the first snapshot arrives
         self.paused_since: float | None = None
         self.awaiting_snapshot = False
         self.snapshot_requested_at = time.monotonic()
         self.kicked = False
-        self.held: list[tuple[int, bytes]] = []
+        self.held: list[tuple[int, bytes, float | None]] = []
         self.held_bytes = 0
         self.held_overflow = False
         self._last_denied = 0.0
@@ -303,14 +308,35 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             # The snapshot on its way was taken at some offset we don't know yet:
             # keep what arrives meanwhile (bounded) and replay the part past it.
             if self.held_bytes + len(data) <= self.window:
-                self.held.append((offset, data))
+                self.held.append((offset, data, event.get("t")))
                 self.held_bytes += len(data)
             else:
                 self.held_overflow = True
             return
-        await self._deliver(offset, data)
+        await self._deliver(offset, data, event.get("t"))
 
-    async def _deliver(self, offset: int, data: bytes) -> None:
+    def _unacked_since(self) -> float | None:
+        """When the hub read the oldest output this client has not acknowledged yet (None: all acked)."""
+        while self.inflight and self.inflight[0][0] <= self.acked:
+            self.inflight.popleft()
+        return self.inflight[0][1] if self.inflight else None
+
+    def _behind_in_time(self) -> bool:
+        """More than LAG_MIN_BYTES unacknowledged, the oldest of it read from the PTY more than
+        LSL_SESSION_MAX_LAG ago: the client (or the network to it) is that far behind."""
+        since = self._unacked_since()
+        return (since is not None and self.sent - self.acked > LAG_MIN_BYTES
+                and time.time() - since > settings.LSL_SESSION_MAX_LAG)
+
+    async def term_mark(self, event: dict[str, Any]) -> None:
+        """The hub's offset after output went quiet: anything short of it was lost on the way."""
+        if (not self.awaiting_snapshot and self.paused_since is None and self.expected_offset is not None
+                and self.expected_offset < event["offset"]):
+            log.info("session %s: %s missed %d..%d, resyncing", self.session_id, self.channel_name,
+                     self.expected_offset, event["offset"])
+            await self._request_snapshot()
+
+    async def _deliver(self, offset: int, data: bytes, t: float | None = None) -> None:
         end = offset + len(data)
         if self.expected_offset is None or end <= self.expected_offset:
             return  # already covered by a snapshot
@@ -323,19 +349,28 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.paused_since is not None:
             self._check_stalled()
             return
-        if self.sent - self.acked > self.window:
+        lagging = self._behind_in_time()
+        if self.sent - self.acked > self.window or lagging:
             # Stop feeding it, and leave the group so a stalled participant costs the
             # process nothing per chunk; it rejoins and is resynced once it catches up.
             self.paused_since = time.monotonic()
             await self.channel_layer.group_discard(self.group_name, self.channel_name)
             log.info("session %s: %s fell %d bytes behind, pausing", self.session_id, self.user, self.sent - self.acked)
+            if lagging:
+                await self._count_lag_resync(time.time() - (self._unacked_since() or time.time()))
             return
         self.sent += len(data)
+        self.inflight.append((self.sent, t if t is not None else time.time()))
         await self.send(bytes_data=data)
 
     async def _on_lag(self, lag: float) -> None:
         """This output waited longer than the bound in the server's own queues (a saturated process,
         not the client): skip what is queued and redraw from a snapshot; past a limit, give up."""
+        if await self._count_lag_resync(lag):
+            await self._request_snapshot()
+
+    async def _count_lag_resync(self, lag: float) -> bool:
+        """Say `lagging`; False (and closed with too_slow) past LSL_SESSION_MAX_LAG_RESYNCS a minute."""
         now = time.monotonic()
         self.lag_resyncs = [t for t in getattr(self, "lag_resyncs", []) if now - t < 60] + [now]
         log.info("session %s: %s is %.1fs behind; resyncing", self.session_id, self.channel_name, lag)
@@ -343,9 +378,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             self.kicked = True
             self.awaiting_snapshot = True  # send nothing more
             await self._kick_slow()
-            return
+            return False
         await self._send_json({"type": "lagging", "seconds": round(lag, 1)})
-        await self._request_snapshot()
+        return True
 
     async def _request_snapshot(self) -> None:
         self.awaiting_snapshot = True
@@ -390,10 +425,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self._send_json({"type": "snapshot", "cols": event["cols"], "rows": event["rows"], "bytes": len(data)})
         self.sent += len(data)
         await self.send(bytes_data=data)
-        for offset, chunk in held:
+        for offset, chunk, t in held:
             if self.awaiting_snapshot:
                 break  # a gap in what was held: a fresh snapshot is on its way and covers the rest
-            await self._deliver(offset, chunk)
+            await self._deliver(offset, chunk, t)
         if overflow and not self.awaiting_snapshot:
             await self._request_snapshot()  # some output was not kept: redraw again
 

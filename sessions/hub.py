@@ -58,6 +58,7 @@ RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
 HEARTBEAT = 2.0  # services.HUB_STALE_AFTER is three of these
 TYPING_PRESENCE_EVERY = 1.0
+PRESENCE_DEBOUNCE = 0.05
 
 HUBS: dict[str, "Hub"] = {}
 
@@ -104,6 +105,7 @@ class Hub:
         self.exit_code: int | None = None
         self.superseded = False  # another process took the session over (or fenced us): stop quietly
         self._layer_down_since: float | None = None
+        self._presence_pending = False
         self.tasks: list[asyncio.Task[Any]] = []
         self.finished = asyncio.Event()
         self.end_reason: str | None = None
@@ -150,7 +152,7 @@ class Hub:
         ended = False
         while not ended:
             try:
-                frames = keeper.coalesce_output(await self.link.read_frames())
+                frames = keeper.coalesce_output(await self.link.read_frames(), header=self.link.header)
             except EOFError as exc:
                 log.info("session %s: keeper link closed: %s", self.session_id, exc)
                 if self.end_reason is None and not self.finished.is_set() and await self._reattach():
@@ -168,8 +170,8 @@ class Hub:
     async def _on_frame(self, kind: bytes, payload: bytes) -> bool:
         """Handle one frame from the keeper; True when the stream is over (exit, or taken over)."""
         if kind == b"D":
-            start = int.from_bytes(payload[:8], "big")
-            data = payload[8:]
+            assert self.link is not None
+            start, read_at, data = self.link.output(payload)
             if start != self.offset:
                 # Only possible at a takeover whose replay lost older bytes; say so in the log.
                 log.info("session %s: stream jumps %d -> %d", self.session_id, self.offset, start)
@@ -177,7 +179,8 @@ class Hub:
             self.screen.append(data)
             if self.offset > self.record_from:
                 self.recorder.output(data[max(0, self.record_from - start):])
-            await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": time.time()})
+            # `t`: when the keeper read it from the PTY, so the lag bound counts every queue on the way.
+            await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": read_at or time.time()})
             self._schedule_quiet_flush()
             await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
         elif kind == b"X":
@@ -231,6 +234,10 @@ class Hub:
         def flush() -> None:
             reset, data = self.screen.detach()
             loop.run_in_executor(SCREEN_EXECUTOR, self.screen.feed, reset, data)
+            # Where the stream is now: a participant whose last chunks were dropped on the way
+            # (a full channel) learns it here, instead of only when more output comes.
+            self.tasks.append(asyncio.create_task(self._broadcast({"type": "term.mark", "offset": self.offset})))
+            self.tasks[:] = [t for t in self.tasks if not t.done()]
 
         self._flush_handle = loop.call_later(QUIET_FLUSH, flush)
 
@@ -354,12 +361,12 @@ class Hub:
             self._idle_task.cancel()
             self._idle_task = None
         await self._send_snapshot(member.channel)
-        await self._broadcast_presence()
+        self._presence_soon()
         self._schedule_resize()
 
     async def _on_leave(self, message: dict[str, Any]) -> None:
         self.members.pop(message["channel"], None)
-        await self._broadcast_presence()
+        self._presence_soon()
         self._schedule_resize()
         self._arm_idle_timer()
 
@@ -367,7 +374,7 @@ class Hub:
         member = self.members.get(message["channel"])
         if member is not None:
             member.role = message["role"]
-            await self._broadcast_presence()
+            self._presence_soon()
             self._schedule_resize()
 
     async def _on_input(self, message: dict[str, Any]) -> None:
@@ -385,7 +392,7 @@ class Hub:
             self.last_typed_by = member.username
             self._last_typing_presence = time.monotonic()
             if changed:
-                await self._broadcast_presence()
+                self._presence_soon()
 
     async def _on_resize(self, message: dict[str, Any]) -> None:
         member = self.members.get(message["channel"])
@@ -421,7 +428,17 @@ class Hub:
             # again if no snapshot arrives (see TerminalConsumer.SNAPSHOT_RETRY).
             log.warning("session %s: snapshot for %s dropped, its channel is full", self.session_id, channel)
 
-    async def _broadcast_presence(self) -> None:
+    def _presence_soon(self) -> None:
+        """Coalesced: a storm of joins (hundreds of participants arriving) sends one presence list
+        every PRESENCE_DEBOUNCE, not one per join to everyone (quadratic in messages, cubic in
+        copies, with the in-memory layer)."""
+        if not self._presence_pending:
+            self._presence_pending = True
+            self.tasks.append(asyncio.create_task(self._broadcast_presence_later()))
+
+    async def _broadcast_presence_later(self) -> None:
+        await asyncio.sleep(PRESENCE_DEBOUNCE)
+        self._presence_pending = False
         participants = [{"id": m.participation_id, "user": m.username, "role": m.role, "client": m.client,
                          "typing": m.username == self.last_typed_by} for m in self.members.values()]
         await self._broadcast({"type": "term.control", "payload": {
@@ -469,7 +486,9 @@ class Hub:
     async def _heartbeat(self) -> None:
         while not self.finished.is_set():
             try:
-                renewed = await database_sync_to_async(services.heartbeat)(self.session_id, self.channel)
+                # Not in the shared thread-sensitive executor: behind a queue of joins (hundreds of
+                # participants arriving) a renewal came late enough for the reaper to release a live hub.
+                renewed = await database_sync_to_async(services.heartbeat, thread_sensitive=False)(self.session_id, self.channel)
             except Exception as exc:  # the database restarting: try again; a long outage makes us stale
                 log.warning("session %s: heartbeat failed: %s", self.session_id, exc)
                 renewed = True
@@ -508,9 +527,15 @@ async def ensure_hub(session_id: str) -> str:
     # channels through one shared receive loop, and a hub that receives there next
     # to its own consumers starved them in testing. One reader per plain channel is fine.
     channel = f"lslhub.{uuid.UUID(session_id).hex}.{uuid.uuid4().hex[:12]}"
-    outcome = await database_sync_to_async(services.claim_hub)(session_id, channel)
-    session = await database_sync_to_async(TerminalSession.objects.select_related("environment").get)(pk=session_id)
+    for _ in range(3):
+        outcome = await database_sync_to_async(services.claim_hub)(session_id, channel)
+        session = await database_sync_to_async(TerminalSession.objects.select_related("environment").get)(pk=session_id)
+        if outcome != "remote" or session.hub_channel:
+            break
+        # Released between the claim and the read (its owner shut down, or the reaper): claim again.
     if outcome == "remote":
+        if not session.hub_channel:
+            raise LookupError(EndReason.SERVER_ERROR)
         return session.hub_channel
     if outcome not in ("claimed", "taken_over"):
         raise LookupError(session.end_reason or "ended")

@@ -35,7 +35,7 @@ def test_it_refuses_a_nul_in_a_request() -> None:
 
 
 def test_hello_and_list_parse() -> None:
-    hello = keeper.Hello.parse(b"version=1\x00created=0\x00pid=9\x00start=100\x00end=300\x00from=100\x00cols=90\x00rows=30\x00exited=0")
+    hello = keeper.Hello.parse(b"version=2\x00created=0\x00pid=9\x00start=100\x00end=300\x00from=100\x00cols=90\x00rows=30\x00exited=0")
     assert (hello.created, hello.pid, hello.start, hello.end, hello.sent_from, hello.cols, hello.rows, hello.exited) == \
         (False, 9, 100, 300, 100, 90, 30, False)
     kept = keeper.parse_list(b"a 12 1 -1 4096 1\nb 13 0 3 10 0\ngarbage\n")
@@ -55,7 +55,7 @@ async def _shell_round_trip(container_id: str, environment_id: Any, session_id: 
         while b"kept-42" not in out:
             kind, payload = await asyncio.wait_for(link.read_frame(), timeout=10)
             if kind == b"D":
-                out += payload[8:]
+                out += link.output(payload)[2]
         link.kill()
         while True:
             kind, payload = await asyncio.wait_for(link.read_frame(), timeout=10)
@@ -113,9 +113,14 @@ def test_it_rejects_a_plain_container_user(people: Any, make_env: Any) -> None:
     assert root.output.startswith(b"drwx------"), root.output
 
 
+def d(offset: int, data: bytes, read_us: int = 0) -> bytes:
+    """A version-2 `D` payload: offset, read time (microseconds), bytes."""
+    return offset.to_bytes(8, "big") + read_us.to_bytes(8, "big") + data
+
+
 def test_frames_split_at_any_boundary_and_contiguous_output_merges() -> None:
-    stream = (keeper.frame(b"D", (0).to_bytes(8, "big") + b"abc") + keeper.frame(b"D", (3).to_bytes(8, "big") + b"de")
-              + keeper.frame(b"D", (9).to_bytes(8, "big") + b"z") + keeper.frame(b"X", (3).to_bytes(4, "big")))
+    stream = (keeper.frame(b"D", d(0, b"abc", 100)) + keeper.frame(b"D", d(3, b"de", 200))
+              + keeper.frame(b"D", d(9, b"z", 300)) + keeper.frame(b"X", (3).to_bytes(4, "big")))
     for cut in range(len(stream) + 1):
         buf = bytearray(stream[:cut])
         frames = keeper.split_frames(buf)
@@ -123,18 +128,28 @@ def test_frames_split_at_any_boundary_and_contiguous_output_merges() -> None:
         frames += keeper.split_frames(buf)
         assert not buf and [k for k, _ in frames] == [b"D", b"D", b"D", b"X"]
     merged = keeper.coalesce_output(frames)
-    assert merged == [(b"D", (0).to_bytes(8, "big") + b"abcde"), (b"D", (9).to_bytes(8, "big") + b"z"),
-                      (b"X", (3).to_bytes(4, "big"))]  # a gap (5..9) is not papered over
+    # A gap (5..9) is not papered over; a merged frame keeps its oldest read time.
+    assert merged == [(b"D", d(0, b"abcde", 100)), (b"D", d(9, b"z", 300)), (b"X", (3).to_bytes(4, "big"))]
+    link = keeper.KeeperLink(None, None, None, "test")  # type: ignore[arg-type]
+    assert link.output(merged[0][1]) == (0, 0.0001, b"abcde")
+    link.header = 8  # a version-1 keeper: no read time
+    assert link.output((7).to_bytes(8, "big") + b"old") == (7, None, b"old")
 
 
 def test_frames_that_came_with_the_hello_are_not_lost() -> None:
     """The keeper sends its replay right behind the hello: one read takes both."""
     async def scenario() -> list[tuple[bytes, bytes]]:
         reader = asyncio.StreamReader()
-        reader.feed_data(keeper.frame(b"H", b"created=0") + keeper.frame(b"D", (0).to_bytes(8, "big") + b"replayed"))
+        reader.feed_data(keeper.frame(b"H", b"created=0") + keeper.frame(b"D", d(0, b"replayed")))
         reader.feed_eof()
         link = keeper.KeeperLink(reader, None, None, "test")  # type: ignore[arg-type]
         assert (await link.read_frame())[0] == b"H"
         return await link.read_frames()
 
-    assert asyncio.run(scenario()) == [(b"D", (0).to_bytes(8, "big") + b"replayed")]
+    assert asyncio.run(scenario()) == [(b"D", d(0, b"replayed"))]
+
+
+def test_merged_output_stays_under_a_websocket_frame_limit() -> None:
+    frames = [(b"D", d(i * 1000, b"x" * 1000)) for i in range(10)]
+    merged = keeper.coalesce_output(frames, limit=3000)
+    assert [len(p) - 16 for _, p in merged] == [3000, 3000, 3000, 1000]

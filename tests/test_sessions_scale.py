@@ -143,3 +143,59 @@ def test_slow_reader_is_resynced_to_the_final_screen(people: Any, make_env: Any)
         slow.close()
     finally:
         stop_daphne(server)
+
+
+def _read_line(proc: subprocess.Popen[str], deadline: float) -> str:
+    import select
+
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            return proc.stdout.readline()  # type: ignore[union-attr]
+        if proc.poll() is not None:
+            break
+    return ""
+
+
+def test_a_crowd_of_200_stays_within_the_lag_bound(cast_debian: Cast) -> None:
+    """200 participants (viewers, in 4 processes of their own) watch a flood that carries time
+    markers. One daphne cannot feed them all at the PTY's rate; the server must then redraw the
+    laggards (`lagging`, a snapshot) rather than let anyone drift behind: every marker delivered
+    live arrives within the bound (LSL_SESSION_MAX_LAG in the server's queues, as much again in
+    flight to the client), and everyone ends at END, or was closed as too slow."""
+    from django.conf import settings
+
+    cast = cast_debian
+    session = cast.open_session()
+    writer = cast.join(session, "alice")
+    per_process, processes, limit = 50, 4, 150.0
+    deadline = time.monotonic() + limit
+    crowd = [subprocess.Popen([sys.executable, "-m", "tests.crowd_client", session["ws_url"], cast.tokens["victor"],
+                               str(per_process), str(limit)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    try:
+        for proc in crowd:
+            line = _read_line(proc, deadline).strip()
+            if line != "ready":
+                odd = [r for r in json.loads(_read_line(proc, deadline) or "[]") if r.get("end") or r.get("closed")]
+                raise AssertionError(f"a crowd process could not join everyone: {odd[:3]}")
+        writer.send_input("for i in $(seq 1 20); do echo M=$(date +%s.%N); head -c 250000 /dev/zero | tr '\\0' x; echo; done; "
+                          "echo EN''D\r")
+        reports = [json.loads(_read_line(proc, deadline) or "[]") for proc in crowd]
+    finally:
+        for proc in crowd:
+            proc.kill()
+            proc.wait()
+    participants = [r for report in reports for r in report]
+    assert len(participants) == per_process * processes and not [r for r in participants if "error" in r], participants[:3]
+    # The server sends a participant output only if it waited at most LSL_SESSION_MAX_LAG in the
+    # server's queues (keeper, hub, channel layer) and the participant has not left more than
+    # 256 KiB unacknowledged for longer than that: 2 x 2 s. What it then takes the client to read
+    # what it was sent is the client's own: 2 s more here, for 50 clients sharing a core per process.
+    bound = 2 * settings.LSL_SESSION_MAX_LAG + 2.0
+    worst = max(r["max_lag"] for r in participants)
+    print(f"crowd of {len(participants)}: worst live lag {worst:.2f}s (bound {bound:.1f}s), "
+          f"{sum(r['markers'] for r in participants)} markers live, {sum(r['lagging'] for r in participants)} lagging, "
+          f"{sum(r['resyncs'] for r in participants)} resyncs, {sum(r['too_slow'] for r in participants)} too slow")
+    assert all(r["end"] or r["too_slow"] for r in participants), [r for r in participants if not (r["end"] or r["too_slow"])][:3]
+    assert worst <= bound, f"a participant got output {worst:.1f}s late without a resync"

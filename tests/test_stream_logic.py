@@ -5,6 +5,8 @@ which is all these paths touch. Everything end to end is in test_sessions*.py.""
 
 from __future__ import annotations
 
+import collections
+
 import asyncio
 import time
 from typing import Any
@@ -26,6 +28,7 @@ class Harness(TerminalConsumer):
         self.awaiting_snapshot, self.kicked = True, False
         self.snapshot_requested_at = time.monotonic()
         self.held, self.held_bytes, self.held_overflow = [], 0, False
+        self.inflight = collections.deque()
         self.to_hub: list[str] = []
         self.frames: list[Any] = []
 
@@ -122,3 +125,85 @@ def test_a_frame_for_a_client_that_already_left_does_not_end_the_consumer() -> N
         await c.close(code=4408)
 
     asyncio.run(scenario())  # raises if Disconnected escapes
+
+
+# --- the lag bound (docs/protocol.md, "Server-side lag bound") ------------------------------
+
+class LagHarness(Harness):
+    def __init__(self) -> None:
+        super().__init__()
+        self.group_name, self.closed_with, self.user = "g", None, "alice"
+        self.channel_layer = self  # group_discard / group_add land here
+        self.awaiting_snapshot, self.expected_offset = False, 0
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self.to_hub.append("left the group")
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        self.closed_with = code
+
+    def texts(self) -> list[str]:
+        return [f for f in self.frames if isinstance(f, str)]
+
+
+def test_output_that_waited_too_long_in_the_server_is_skipped_for_a_snapshot(settings: Any) -> None:
+    settings.LSL_SESSION_MAX_LAG = 2.0
+
+    async def scenario() -> LagHarness:
+        c = LagHarness()
+        await c.term_output({"offset": 0, "data": b"fresh", "t": time.time()})
+        await c.term_output({"offset": 5, "data": b"stale", "t": time.time() - 3})
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.output() == b"fresh" and c.to_hub == ["hub.snapshot"] and c.awaiting_snapshot
+    assert '"lagging"' in c.texts()[0]
+
+
+def test_a_client_that_holds_old_unacked_output_is_paused_then_resynced(settings: Any) -> None:
+    settings.LSL_SESSION_MAX_LAG = 2.0
+    chunk = b"x" * (200 * 1024)
+
+    async def scenario() -> LagHarness:
+        c = LagHarness()
+        old = time.time() - 3  # read from the PTY 3 s ago, still unacked
+        await c.term_output({"offset": 0, "data": chunk, "t": time.time()})
+        c.inflight[0] = (c.inflight[0][0], old)
+        await c.term_output({"offset": len(chunk), "data": chunk, "t": time.time()})  # 200 KiB unacked: not yet
+        await c.term_output({"offset": 2 * len(chunk), "data": chunk, "t": time.time()})  # 400 KiB, oldest 3 s
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.output() == chunk * 2, "the third chunk is held back"
+    assert c.paused_since is not None and "left the group" in c.to_hub and '"lagging"' in c.texts()[0]
+    # Nothing stale in flight once acked: a client that keeps up never trips it.
+    fresh = LagHarness()
+    asyncio.run(fresh.term_output({"offset": 0, "data": chunk * 3, "t": time.time()}))
+    assert fresh.paused_since is None
+
+
+def test_too_many_lag_resyncs_close_with_too_slow(settings: Any) -> None:
+    settings.LSL_SESSION_MAX_LAG, settings.LSL_SESSION_MAX_LAG_RESYNCS = 1.0, 2
+
+    async def scenario() -> LagHarness:
+        c = LagHarness()
+        for i in range(3):
+            c.awaiting_snapshot = False
+            await c.term_output({"offset": i, "data": b"s", "t": time.time() - 5})
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.kicked and c.closed_with == 4408 and any('"too_slow"' in t for t in c.texts())
+
+
+def test_output_lost_at_the_end_of_a_burst_is_noticed_at_the_quiet_mark() -> None:
+    async def scenario() -> LagHarness:
+        c = LagHarness()
+        await c.term_output({"offset": 0, "data": b"abc", "t": time.time()})
+        await c.term_mark({"offset": 3})  # all there: nothing to do
+        assert c.to_hub == []
+        await c.term_mark({"offset": 9})  # 3..9 never came
+        return c
+
+    c = asyncio.run(scenario())
+    assert c.to_hub == ["hub.snapshot"] and c.awaiting_snapshot

@@ -43,7 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define KEEPER_VERSION "1"
+#define KEEPER_VERSION "2"
 #define DEFAULT_SOCKET "/.lsl/run/keeper.sock"
 #define DEFAULT_RING (2u << 20)      /* bytes of output kept per session */
 #define MAX_FRAME (1u << 20)         /* largest payload a client may send */
@@ -52,6 +52,8 @@
 #define DATA_CHUNK (64u << 10)       /* largest 'D' payload */
 #define INBUF_MAX (1u << 20)         /* input waiting for the PTY, per session */
 #define KILL_GRACE_MS 1500           /* HUP, then KILL this much later */
+#define MARKS 2048                  /* (offset, read time) marks per session: 10 s at one per MARK_EVERY_US */
+#define MARK_EVERY_US 5000
 #define EXITED_KEEP_MS (10 * 60 * 1000) /* an exited session is remembered this long for a late server */
 
 typedef struct Client Client;
@@ -66,6 +68,11 @@ typedef struct {
     unsigned char *ring;
     size_t cap, start, len;  /* start: index of the oldest kept byte */
     uint64_t total;
+    /* when output was read from the PTY: a mark at most every MARK_EVERY_US, so a server can tell
+     * how long the bytes it gets waited here (its lag bound counts this queue too) */
+    uint64_t mark_off[MARKS];
+    long long mark_us[MARKS];
+    int mark_head, mark_count;
     /* input not yet accepted by the PTY */
     unsigned char *in;
     size_t in_len;
@@ -97,6 +104,12 @@ static long long now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static long long wall_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
@@ -143,6 +156,18 @@ static void put_text(Client *c, char type, const char *text) { put_frame(c, type
 
 static size_t pending_out(Client *c) { return c->out_len - c->out_off; }
 
+/* When the byte at `offset` was read from the PTY (the newest mark at or before it; the oldest kept
+ * mark if it is older than all of them). */
+static long long read_time(Session *s, uint64_t offset) {
+    long long found = 0;
+    for (int k = 0; k < s->mark_count; k++) {
+        int i = (s->mark_head - 1 - k + MARKS) % MARKS;
+        found = s->mark_us[i];
+        if (s->mark_off[i] <= offset) break;
+    }
+    return found ? found : wall_us();
+}
+
 /* Queue the next piece of the attached session's output (from c->sent) as a 'D' frame. */
 static void fill_data(Client *c) {
     Session *s = c->session;
@@ -154,14 +179,16 @@ static void fill_data(Client *c) {
         if (n > DATA_CHUNK) n = DATA_CHUNK;
         size_t idx = (s->start + (size_t)(c->sent - first)) % s->cap;
         if (idx + n > s->cap) n = s->cap - idx; /* up to the ring's wrap */
-        if (out_reserve(c, 5 + 8 + n) < 0) { c->closing = 1; return; }
+        if (out_reserve(c, 5 + 16 + n) < 0) { c->closing = 1; return; }
         unsigned char *p = c->outb + c->out_len;
-        size_t len = 8 + n;
+        size_t len = 16 + n;
+        long long read_at = read_time(s, c->sent);
         p[0] = 'D';
         p[1] = (unsigned char)(len >> 24); p[2] = (unsigned char)(len >> 16);
         p[3] = (unsigned char)(len >> 8); p[4] = (unsigned char)len;
         for (int i = 0; i < 8; i++) p[5 + i] = (unsigned char)(c->sent >> (56 - 8 * i));
-        memcpy(p + 13, s->ring + idx, n);
+        for (int i = 0; i < 8; i++) p[13 + i] = (unsigned char)((unsigned long long)read_at >> (56 - 8 * i));
+        memcpy(p + 21, s->ring + idx, n);
         c->out_len += 5 + len;
         c->sent += n;
     }
@@ -199,6 +226,14 @@ static void free_session(Session *s) {
 }
 
 static void ring_append(Session *s, const unsigned char *data, size_t n) {
+    long long now = wall_us();
+    int last = (s->mark_head - 1 + MARKS) % MARKS;
+    if (s->mark_count == 0 || now - s->mark_us[last] >= MARK_EVERY_US) {
+        s->mark_off[s->mark_head] = s->total;
+        s->mark_us[s->mark_head] = now;
+        s->mark_head = (s->mark_head + 1) % MARKS;
+        if (s->mark_count < MARKS) s->mark_count++;
+    }
     if (n >= s->cap) { data += n - s->cap; s->total += n - s->cap; n = s->cap; s->start = 0; s->len = 0; }
     size_t end = (s->start + s->len) % s->cap;
     size_t first = n < s->cap - end ? n : s->cap - end;
