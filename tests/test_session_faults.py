@@ -246,3 +246,34 @@ def test_terminals_degrade_then_heal_across_a_redis_outage(people: Any, make_env
     finally:
         stop_daphne(other)
         stop_daphne(owner)
+
+
+def test_a_killed_keeper_ends_its_sessions_with_a_reason_and_start_recovers(people: Any, make_env: Any,
+                                                                           live_server_proc: Any) -> None:
+    """The keeper is the container's main process: kill -9 of it stops the container. Its sessions
+    end with that reason (nobody waits on a dead terminal), and starting the environment brings a
+    fresh keeper; the workspace is untouched."""
+    cast = Cast(people, make_env, live_server_proc)
+    session = cast.open_session()
+    alice = cast.join(session, "alice")
+    alice.send_input("head -c 65536 /dev/urandom > /workspace/data.bin; echo ok-$((6*7))\r")
+    alice.wait_output(b"ok-42")
+    digest = workspace_digest(cast.env.container_id)
+
+    # (the quotes split the pattern so this shell's own command line does not match it)
+    killed = docker_cli("exec", cast.env.container_id, "sh", "-c", 'for d in /proc/[0-9]*; do '
+                        'case "$(tr "\\0" " " < $d/cmdline 2>/dev/null)" in *"keeper se""rve"*) kill -9 ${d#/proc/};; esac; done')
+    assert killed.returncode == 0, killed.stderr
+    assert alice.wait_event("exit", timeout=10)["reason"] == "environment_stopped"
+    wait_until(lambda: cast.api("alice", "get", f"environments/{cast.env.id}/").json()["status"] == "stopped", 10,
+               "the environment shown as stopped")
+    row = TerminalSession.objects.get(pk=session["id"])
+    assert row.ended_at is not None and not row.participations.filter(left_at__isnull=True).exists()
+
+    started = cast.api("alice", "post", f"environments/{cast.env.id}/start/")
+    assert started.status_code == 200, started.text
+    again = cast.open_session()
+    bob = cast.join(again, "bob")
+    bob.send_input("echo back-$((6*7))\r")
+    bob.wait_output(b"back-42")
+    assert workspace_digest(cast.env.container_id) == digest
