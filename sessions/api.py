@@ -28,13 +28,16 @@ class SessionSerializer(serializers.ModelSerializer):
     environment = serializers.UUIDField(source="environment_id", read_only=True)
     creator = serializers.CharField(source="creator.username", read_only=True)
     live = serializers.BooleanField(read_only=True)
+    detached = serializers.BooleanField(read_only=True, help_text=(
+        "live, but no server process serves it right now (its server went away): the shell keeps running "
+        "in the keeper, and whoever joins next takes the session over"))
     ws_url = serializers.SerializerMethodField()
     participants = serializers.SerializerMethodField()
 
     class Meta:
         model = TerminalSession
         fields = ["id", "name", "environment", "environment_name", "command", "creator", "created_at", "ended_at",
-                  "end_reason", "exit_code", "cols", "rows", "live", "ws_url", "participants"]
+                  "end_reason", "exit_code", "cols", "rows", "live", "detached", "ws_url", "participants"]
 
     def get_ws_url(self, session: TerminalSession) -> str:
         request = self.context.get("request")

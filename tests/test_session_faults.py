@@ -74,6 +74,7 @@ def test_killed_owner_is_taken_over_and_the_shell_lives_on(people: Any, make_env
         assert shell is not None and shell.alive and shell.attached
 
         owner.proc.kill()  # kill -9: no clean-up, no goodbye
+        cast.server = survivor  # API calls from here on
         before = snapshots(bob)
         took = wait_until(lambda: snapshots(bob) > before, 12, "bob redrawn by the session's new owner")
         assert took < 10, f"bob was back only after {took:.1f}s"
@@ -82,6 +83,7 @@ def test_killed_owner_is_taken_over_and_the_shell_lives_on(people: Any, make_env
 
         row = TerminalSession.objects.get(pk=sid)
         assert row.ended_at is None and row.hub_channel, "served again"
+        assert cast.api("alice", "get", f"sessions/{sid}/").json()["detached"] is False
         again = kept(cast, sid)
         assert again is not None and again.pid == shell.pid and again.alive, "no second shell was started"
         assert not row.participations.filter(user__username="alice", left_at__isnull=True).exists(), \
@@ -89,7 +91,6 @@ def test_killed_owner_is_taken_over_and_the_shell_lives_on(people: Any, make_env
         assert row.participations.filter(user__username="bob", left_at__isnull=True).exists()
         assert workspace_digest(cast.env.container_id) == digest
         # `end` still ends it, and the shell goes with it.
-        cast.server = survivor
         assert cast.api("alice", "post", f"sessions/{sid}/end/").status_code == 200
         assert bob.wait_event("exit", timeout=10)["reason"] == "ended"
         wait_until(lambda: not process_alive(cast.env.container_id, shell.pid), 5, "the shell killed")
