@@ -36,9 +36,9 @@ WATCH_EVERY = 2.0  # stalled participants and lost snapshots are looked at this 
 HUB_EXIT_GRACE = 1.0  # seconds a `session.ended` event waits for the hub's own exit frame
 SNAPSHOT_RETRY = 5.0  # a snapshot request unanswered this long (its answer was dropped) is repeated
 ROLE_DENIED_AUDIT_EVERY = 5.0
-# The time bound applies once a client holds more than this unacknowledged (clients ack every 64 KiB
+# The time bound applies once a client holds more than this unacknowledged (clients ack every 16-64 KiB
 # or so, and when output pauses): below it, a quiet terminal's last chunk is simply not acked yet.
-LAG_MIN_BYTES = 256 * 1024
+LAG_MIN_BYTES = 64 * 1024
 # Close codes for "reconnect": RFC 6455's 1012 (service restart) and 1013 (try again later) in the
 # application range, because autobahn (daphne) lets a server send only 1000 or 3000-4999.
 CLOSE_RESTARTING = 4012

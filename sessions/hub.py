@@ -266,40 +266,37 @@ class Hub:
             self.tasks.append(asyncio.create_task(self.terminate(reason)))
 
     async def _finish(self, reason: str, code: int | None) -> None:
-        if self.finished.is_set():
+        if not self._leave_process():
             return
-        self.finished.set()
-        HUBS.pop(self.session_id, None)
-        if self._bus is not None and self._bus_key is not None:
-            self._bus.unsubscribe(self._bus_key)
-        self.recorder.close()
         await database_sync_to_async(services.mark_ended)(self.session_id, reason, code)
         # The DB may hold an earlier reason (e.g. the environment was stopped): report that one.
         ended = await database_sync_to_async(TerminalSession.objects.values("end_reason", "exit_code").get)(pk=self.session_id)
         await self._broadcast({"type": "term.exit", "code": ended["exit_code"] if ended["exit_code"] is not None else code,
-                                                 "reason": ended["end_reason"] or reason})
-        await self._flush_input_audit()
-        self._cancel_tasks()
-        if self.link is not None:
-            self.link.close()
-
-    def _cancel_tasks(self) -> None:
-        for task in self.tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+                               "reason": ended["end_reason"] or reason})
+        await self._let_go()
 
     async def _stand_down(self) -> None:
         """Stop serving without ending the session: the shell stays in the keeper for whoever owns
         the session now (or next). Participants here are not told of an end: there is none."""
+        if self._leave_process():
+            await self._let_go()
+
+    def _leave_process(self) -> bool:
+        """Once per hub: off this process's books (HUBS, the event bus, the recording). False if done already."""
         if self.finished.is_set():
-            return
+            return False
         self.finished.set()
         HUBS.pop(self.session_id, None)
         if self._bus is not None and self._bus_key is not None:
             self._bus.unsubscribe(self._bus_key)
         self.recorder.close()
+        return True
+
+    async def _let_go(self) -> None:
         await self._flush_input_audit()
-        self._cancel_tasks()
+        for task in self.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
         if self.link is not None:
             self.link.close()
 

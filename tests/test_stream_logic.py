@@ -162,15 +162,15 @@ def test_output_that_waited_too_long_in_the_server_is_skipped_for_a_snapshot(set
 
 def test_a_client_that_holds_old_unacked_output_is_paused_then_resynced(settings: Any) -> None:
     settings.LSL_SESSION_MAX_LAG = 2.0
-    chunk = b"x" * (200 * 1024)
+    chunk = b"x" * (40 * 1024)
 
     async def scenario() -> LagHarness:
         c = LagHarness()
         old = time.time() - 3  # read from the PTY 3 s ago, still unacked
         await c.term_output({"offset": 0, "data": chunk, "t": time.time()})
         c.inflight[0] = (c.inflight[0][0], old)
-        await c.term_output({"offset": len(chunk), "data": chunk, "t": time.time()})  # 200 KiB unacked: not yet
-        await c.term_output({"offset": 2 * len(chunk), "data": chunk, "t": time.time()})  # 400 KiB, oldest 3 s
+        await c.term_output({"offset": len(chunk), "data": chunk, "t": time.time()})  # 40 KiB unacked: not yet
+        await c.term_output({"offset": 2 * len(chunk), "data": chunk, "t": time.time()})  # 80 KiB, oldest 3 s
         return c
 
     c = asyncio.run(scenario())
