@@ -89,7 +89,7 @@ def ensure_user_command(profile: Profile, *, shell: str, sudo: bool, owned_dirs:
             str(profile.gid), shell, "1" if sudo else "0", *owned_dirs]
 
 
-IDENTITY_DIR = "/.lsl/run"  # keeper.SOCKET_DIR_IN_CONTAINER (this module sits below keeper)
+IDENTITY_DIR = "/.lsl/run"  # the keeper's socket directory (keeper.SOCKET_DIR_IN_CONTAINER), mounted from the host
 IDENTITY_NAME = "identity"
 IDENTITY_FILE = f"{IDENTITY_DIR}/{IDENTITY_NAME}"
 

@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,12 @@ FALLBACK_BINARY = "/.lsl/keeper"  # copied into a container that has no keeper v
 # The relay, from whichever binary the container has.
 ATTACH_COMMAND = ["/bin/sh", "-c", f"[ -x {BINARY_IN_CONTAINER} ] && exec {BINARY_IN_CONTAINER} attach; "
                                    f"exec {FALLBACK_BINARY} attach"]
-SOCKET_DIR_IN_CONTAINER = "/.lsl/run"
+SOCKET_DIR_IN_CONTAINER = identity.IDENTITY_DIR  # the boot script leaves its identity line here too
 SOCKET_IN_CONTAINER = f"{SOCKET_DIR_IN_CONTAINER}/keeper.sock"
 SOCKET_NAME = "keeper.sock"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL
 READY = b"r\x00\x00\x00\x00"  # the exec relay's "raw mode is on" frame
 READ_SIZE = 1 << 20
-START_WAIT = 3.0  # seconds for a keeper started by `ensure_running` to open its socket
 
 
 class KeeperError(runtime.EngineError):
@@ -433,15 +431,3 @@ def forget_session(container_id: str, environment_id: Any, session_id: str) -> N
         _request_blocking(container_id, environment_id, frame(b"F", session_id.encode()))
     except runtime.EngineError as exc:
         log.debug("keeper: forgetting %s failed: %s", session_id, exc)
-
-
-def wait_ready(container_id: str, environment_id: Any, timeout: float = START_WAIT) -> bool:
-    """Poll until the keeper answers (used by tests and after `ensure_running`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            list_sessions(container_id, environment_id)
-            return True
-        except runtime.EngineError:
-            time.sleep(0.05)
-    return False

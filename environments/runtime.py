@@ -563,24 +563,6 @@ def exec_open_tty(container_id: str, cmd: list[str], *, cols: int, rows: int, us
         return ExecSocket(exec_id=exec_id, socket_io=socket_io, sock=sock)
 
 
-def exec_resize(exec_id: str, *, cols: int, rows: int) -> None:
-    with _guard("resizing terminal"):
-        try:
-            _client().api.exec_resize(exec_id, height=rows, width=cols)
-        except docker.errors.APIError as exc:
-            log.debug("resize of exited exec %s ignored: %s", exec_id, exc)
-
-
-def exec_exit_code(exec_id: str) -> int | None:
-    """The exec's exit code, or None while it is still running."""
-    with _guard("inspecting terminal"):
-        data = _client().api.exec_inspect(exec_id)
-    if data.get("Running"):
-        return None
-    code = data.get("ExitCode")
-    return None if code is None else int(code)
-
-
 def _read_frames(sock: socket.socket, on_frame: Callable[[int, bytes], None]) -> None:
     """Demultiplex a non-TTY exec stream (8-byte headers: stream, 0, 0, 0, size) until EOF."""
     buffer = bytearray()
