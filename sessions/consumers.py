@@ -25,7 +25,7 @@ from django.conf import settings
 from environments.models import Environment, Role
 from environments.permissions import role_for
 from lsl_site import events
-from sessions import services
+from sessions import fanout, services
 from sessions import hub as hubs
 from sessions.hub import ensure_hub
 from sessions.models import AuditKind, ClientKind, TerminalSession
@@ -46,6 +46,28 @@ CLOSE_TRY_AGAIN = 4013  # the channel layer (Redis) is down
 
 # This process's terminal consumers, for graceful shutdown.
 LIVE: "weakref.WeakSet[TerminalConsumer]" = weakref.WeakSet()
+
+
+_watchdog: "asyncio.Task[None] | None" = None
+
+
+def _ensure_watchdog() -> None:
+    """One task per process looks at every participant (not one sleeping task per participant:
+    hundreds of idle viewers should cost next to nothing)."""
+    global _watchdog
+    if _watchdog is None or _watchdog.done():
+        _watchdog = asyncio.create_task(_watch_all())
+
+
+async def _watch_all() -> None:
+    while LIVE:
+        await asyncio.sleep(WATCH_EVERY)
+        for consumer in list(LIVE):
+            if consumer.paused_since is not None or consumer.awaiting_snapshot:
+                try:
+                    await consumer.watch()
+                except Exception:
+                    log.exception("session %s: watching %s failed", consumer.session_id, consumer.channel_name)
 
 
 async def graceful_shutdown() -> None:
@@ -90,7 +112,6 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     hub_channel: str | None = None
     role: Role | None = None
     participation_id: int | None = None
-    group_name: str = ""
 
     async def connect(self) -> None:
         self.session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
@@ -128,13 +149,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
             return
-        self.group_name = session.group_name
-        try:
-            await self.channel_layer.group_add(self.group_name, self.channel_name)
-        except Exception as exc:
-            self.hub_channel = None
-            await self.layer_down({"detail": str(exc) or exc.__class__.__name__})
-            return
+        await fanout.join(self.session_id, self)
         remote = self.scope.get("client") or ["", 0]
         participation = await database_sync_to_async(services.join)(
             self.session_id, user, role.label, self.client_kind, str(remote[0] or ""))
@@ -153,7 +168,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self._recheck: asyncio.Task[None] | None = None
         self._bus = await events.bus()
         self._bus_key = self._bus.subscribe(self._on_event)
-        self.watchdog = asyncio.create_task(self._watch())
+        _ensure_watchdog()
 
     async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
         """Like the base send, but a client that has already gone is not an error.
@@ -236,14 +251,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if getattr(self, "_bus_key", None) is not None:
             self._bus.unsubscribe(self._bus_key)
             self._bus_key = None
-        watchdog = getattr(self, "watchdog", None)
-        if watchdog is not None:
-            watchdog.cancel()
+        fanout.leave(self.session_id, self)
+        fanout.forget(self)
         if self.hub_channel is not None:
-            try:
-                await self.channel_layer.group_discard(self.group_name, self.channel_name)
-            except Exception as exc:
-                log.info("session %s: group_discard failed: %s", self.session_id, exc)
             await self._to_hub("hub.leave")
         if self.participation_id is not None:
             await database_sync_to_async(services.leave)(self.participation_id)
@@ -293,10 +303,28 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.paused_since is not None and not self.awaiting_snapshot and self.sent - self.acked <= self.window // 2:
             # Caught up (clients ack at least every window/2 bytes, so the last ack may trail
             # what they hold by up to that much): rejoin and redraw from the current screen.
-            await self.channel_layer.group_add(self.group_name, self.channel_name)
+            await fanout.join(self.session_id, self)
             await self._request_snapshot()
 
-    # --- hub → client (channel-layer handlers) -----------------------------------------
+    # --- hub → client -----------------------------------------------------------------------
+    # Stream messages come from sessions/fanout.py (`on_stream`, called directly by the hub or the
+    # process's Redis relay); a remote hub's answers to this participant alone (its snapshot) come
+    # through the channel layer. Both end in the same `term_*` handlers.
+
+    async def on_stream(self, message: dict[str, Any]) -> None:
+        handler = self._stream_handlers.get(message["type"])
+        if handler is not None and not getattr(self, "exited", False):
+            await handler(message)
+
+    @property
+    def _stream_handlers(self) -> dict[str, Any]:
+        return {"term.output": self.term_output, "term.mark": self.term_mark, "term.snapshot": self.term_snapshot,
+                "term.control": self.term_control, "term.exit": self.term_exit}
+
+    async def on_stream_lost(self) -> None:
+        """This process's subscription to the session's stream broke (Redis): output may be missing."""
+        if not self.awaiting_snapshot and not self.kicked:
+            await self._request_snapshot()
 
     async def term_output(self, event: dict[str, Any]) -> None:
         offset, data = event["offset"], event["data"]
@@ -354,7 +382,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             # Stop feeding it, and leave the group so a stalled participant costs the
             # process nothing per chunk; it rejoins and is resynced once it catches up.
             self.paused_since = time.monotonic()
-            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+            fanout.leave(self.session_id, self)
             log.info("session %s: %s fell %d bytes behind, pausing", self.session_id, self.user, self.sent - self.acked)
             if lagging:
                 await self._count_lag_resync(time.time() - (self._unacked_since() or time.time()))
@@ -472,28 +500,33 @@ class TerminalConsumer(AsyncWebsocketConsumer):
                                    "user": self.user.get_username(), "role": role.label, "can_write": self.can_write,
                                    "window": self.window})
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_EVERY)
-            self._check_stalled()
-            await self._retry_lost_snapshot()
+    async def watch(self) -> None:
+        """Called every WATCH_EVERY by the process's watchdog."""
+        self._check_stalled()
+        await self._retry_lost_snapshot()
 
     async def _to_hub(self, kind: str, **fields: Any) -> None:
-        if self.hub_channel is not None:
-            try:
-                await self.channel_layer.send(self.hub_channel, {"type": kind, "channel": self.channel_name, **fields})
-            except asyncio.CancelledError:
-                raise
-            except ChannelFull:
-                if kind == "hub.input":
-                    await self._error("busy", "the terminal is not keeping up with input; this input was dropped")
-                return
-            except Exception as exc:  # the layer down: the hub never hears it
-                if kind in ("hub.leave",):
-                    return  # leaving anyway; the hub's idle timer and the reaper cover it
-                if not getattr(self, "_layer_down", False):
-                    self._layer_down = True
-                    await self.layer_down({"detail": str(exc) or exc.__class__.__name__})
+        if self.hub_channel is None:
+            return
+        message = {"type": kind, "channel": self.channel_name, **fields}
+        hub = hubs.HUBS.get(self.session_id)
+        if hub is not None and hub.channel == self.hub_channel and not hub.finished.is_set():
+            # The hub lives in this process: a call, not a trip through the channel layer.
+            await hub.handle(message)
+            return
+        try:
+            await self.channel_layer.send(self.hub_channel, message)
+        except asyncio.CancelledError:
+            raise
+        except ChannelFull:
+            if kind == "hub.input":
+                await self._error("busy", "the terminal is not keeping up with input; this input was dropped")
+        except Exception as exc:  # the layer down: the hub never hears it
+            if kind == "hub.leave":
+                return  # leaving anyway; the hub's idle timer and the reaper cover it
+            if not getattr(self, "_layer_down", False):
+                self._layer_down = True
+                await self.layer_down({"detail": str(exc) or exc.__class__.__name__})
 
     async def _send_json(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload))

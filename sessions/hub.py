@@ -31,7 +31,7 @@ from django.conf import settings
 from environments import keeper, runtime
 from environments.services import shell_session_identity
 from lsl_site import events
-from sessions import services
+from sessions import fanout, services
 from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.recording import Recorder
 from sessions.screen import ScreenState
@@ -88,7 +88,6 @@ class Hub:
     def __init__(self, session: TerminalSession, container_id: str, channel: str, *, takeover: bool) -> None:
         self.session_id = str(session.pk)
         self.environment_id = str(session.environment_id)
-        self.group = session.group_name
         self.container_id = container_id
         self.channel = channel
         self.takeover = takeover  # the shell exists already: attach to it, never start a new one
@@ -104,7 +103,6 @@ class Hub:
         self.link: keeper.KeeperLink | None = None
         self.exit_code: int | None = None
         self.superseded = False  # another process took the session over (or fenced us): stop quietly
-        self._layer_down_since: float | None = None
         self._presence_pending = False
         self.tasks: list[asyncio.Task[Any]] = []
         self.finished = asyncio.Event()
@@ -196,16 +194,10 @@ class Hub:
         return False
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
-        """Send to every participant. With the channel layer (Redis) down, the message is lost, not
-        the hub: participants see the gap in offsets and resync once it is back, or reconnect."""
-        try:
-            await self.layer.group_send(self.group, message)
-            self._layer_down_since = None
-        except Exception as exc:
-            if self._layer_down_since is None:
-                self._layer_down_since = time.monotonic()
-                log.warning("session %s: channel layer unavailable (%s); output is not delivered until it is back",
-                            self.session_id, exc)
+        """Send to every participant, in every process (sessions/fanout.py): once per process, never
+        once per participant. Nothing here waits for Redis; a message lost on the way shows as a gap
+        in offsets, and its participants resync."""
+        await fanout.publish(self.session_id, message)
 
     async def _reattach(self) -> bool:
         """The link broke but maybe not the keeper (a `docker exec` relay dies with its dockerd):
@@ -268,6 +260,8 @@ class Hub:
     async def _finish(self, reason: str, code: int | None) -> None:
         if not self._leave_process():
             return
+        # The recording is complete before anyone can learn that the session ended.
+        await asyncio.wrap_future(self._recording_closed)
         await database_sync_to_async(services.mark_ended)(self.session_id, reason, code)
         # The DB may hold an earlier reason (e.g. the environment was stopped): report that one.
         ended = await database_sync_to_async(TerminalSession.objects.values("end_reason", "exit_code").get)(pk=self.session_id)
@@ -289,7 +283,7 @@ class Hub:
         HUBS.pop(self.session_id, None)
         if self._bus is not None and self._bus_key is not None:
             self._bus.unsubscribe(self._bus_key)
-        self.recorder.close()
+        self._recording_closed = self.recorder.close()
         return True
 
     async def _let_go(self) -> None:
@@ -322,12 +316,27 @@ class Hub:
 
     # --- messages from participants ------------------------------------------------
 
-    async def _receive(self) -> None:
-        handlers = {
+    async def handle(self, message: dict[str, Any]) -> None:
+        """One message from a participant: called directly by participants in this process (the
+        fewest hops on the keystroke path), and by `_receive` for those in other processes."""
+        handler = self._handlers.get(message.get("type", ""))
+        if handler is None:
+            log.warning("session %s: unknown hub message %r", self.session_id, message.get("type"))
+            return
+        try:
+            await handler(message)
+        except Exception:
+            log.exception("session %s: handling %s failed", self.session_id, message.get("type"))
+
+    @property
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
             "hub.join": self._on_join, "hub.leave": self._on_leave, "hub.input": self._on_input,
             "hub.resize": self._on_resize, "hub.snapshot": self._on_snapshot, "hub.terminate": self._on_terminate,
             "hub.role": self._on_role,
         }
+
+    async def _receive(self) -> None:
         backoff = 0.1
         while not self.finished.is_set():
             try:
@@ -340,14 +349,7 @@ class Hub:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
-            handler = handlers.get(message.get("type", ""))
-            if handler is None:
-                log.warning("session %s: unknown hub message %r", self.session_id, message.get("type"))
-                continue
-            try:
-                await handler(message)
-            except Exception:
-                log.exception("session %s: handling %s failed", self.session_id, message.get("type"))
+            await self.handle(message)
 
     async def _on_join(self, message: dict[str, Any]) -> None:
         member = Member(channel=message["channel"], user_id=message["user_id"], username=message["username"],
@@ -417,9 +419,13 @@ class Hub:
             return self.screen.render()
 
         data = await loop.run_in_executor(SCREEN_EXECUTOR, render)
+        message = {"type": "term.snapshot", "offset": offset, "data": data, "cols": self.cols, "rows": self.rows}
+        tap = fanout.local_tap(channel)
+        if tap is not None:  # a participant in this process: no channel layer
+            await tap.on_stream(message)
+            return
         try:
-            await self.layer.send(channel, {"type": "term.snapshot", "offset": offset, "data": data,
-                                            "cols": self.cols, "rows": self.rows})
+            await self.layer.send(channel, message)
         except ChannelFull:
             # The participant's queue is full of output it has not consumed yet; it asks
             # again if no snapshot arrives (see TerminalConsumer.SNAPSHOT_RETRY).

@@ -55,10 +55,6 @@ class TerminalSession(models.Model):
         """Live, once served, and served by nobody now (docs/protocol.md: who owns a session)."""
         return self.ended_at is None and not self.hub_channel and self.hub_seen_at is not None
 
-    @property
-    def group_name(self) -> str:
-        return f"term.{self.id.hex}"
-
 
 class ClientKind(models.TextChoices):
     WEB = "web", "Browser"

@@ -13,7 +13,7 @@ from typing import Any
 
 from autobahn.exception import Disconnected
 
-from sessions import consumers
+from sessions import consumers, fanout
 from sessions.consumers import TerminalConsumer
 
 
@@ -132,12 +132,8 @@ def test_a_frame_for_a_client_that_already_left_does_not_end_the_consumer() -> N
 class LagHarness(Harness):
     def __init__(self) -> None:
         super().__init__()
-        self.group_name, self.closed_with, self.user = "g", None, "alice"
-        self.channel_layer = self  # group_discard / group_add land here
+        self.closed_with, self.user = None, "alice"
         self.awaiting_snapshot, self.expected_offset = False, 0
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        self.to_hub.append("left the group")
 
     async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
         self.closed_with = code
@@ -166,6 +162,7 @@ def test_a_client_that_holds_old_unacked_output_is_paused_then_resynced(settings
 
     async def scenario() -> LagHarness:
         c = LagHarness()
+        await fanout.join(c.session_id, c)  # the session's stream in this process (no Redis in tests)
         old = time.time() - 3  # read from the PTY 3 s ago, still unacked
         await c.term_output({"offset": 0, "data": chunk, "t": time.time()})
         c.inflight[0] = (c.inflight[0][0], old)
@@ -175,7 +172,8 @@ def test_a_client_that_holds_old_unacked_output_is_paused_then_resynced(settings
 
     c = asyncio.run(scenario())
     assert c.output() == chunk * 2, "the third chunk is held back"
-    assert c.paused_since is not None and "left the group" in c.to_hub and '"lagging"' in c.texts()[0]
+    # Paused, it left the stream: it costs the process nothing per chunk until it catches up.
+    assert c.paused_since is not None and fanout.local_count(c.session_id) == 0 and '"lagging"' in c.texts()[0]
     # Nothing stale in flight once acked: a client that keeps up never trips it.
     fresh = LagHarness()
     asyncio.run(fresh.term_output({"offset": 0, "data": chunk * 3, "t": time.time()}))
@@ -207,3 +205,57 @@ def test_output_lost_at_the_end_of_a_burst_is_noticed_at_the_quiet_mark() -> Non
 
     c = asyncio.run(scenario())
     assert c.to_hub == ["hub.snapshot"] and c.awaiting_snapshot
+
+
+# --- fan-out (sessions/fanout.py) -----------------------------------------------------------
+
+class Tap:
+    def __init__(self, name: str) -> None:
+        self.channel_name, self.got, self.lost = name, [], 0
+
+    async def on_stream(self, message: dict[str, Any]) -> None:
+        self.got.append(message)
+
+    async def on_stream_lost(self) -> None:
+        self.lost += 1
+
+
+def test_a_chunk_reaches_every_local_participant_as_one_object_and_leavers_get_nothing() -> None:
+    async def scenario() -> list[Tap]:
+        taps = [Tap(f"c{i}") for i in range(50)]
+        for tap in taps:
+            await fanout.join("fan", tap)
+        fanout.leave("fan", taps[0])
+        message = {"type": "term.output", "offset": 0, "data": b"x" * 65536, "t": time.time()}
+        await fanout.publish("fan", message)
+        for tap in taps[1:]:
+            fanout.leave("fan", tap)
+        return taps
+
+    taps = asyncio.run(scenario())
+    assert taps[0].got == []
+    first = taps[1].got[0]
+    # No per-participant copies: the very same message (and bytes) for all 49.
+    assert all(len(t.got) == 1 and t.got[0] is first for t in taps[1:])
+    assert fanout.local_count("fan") == 0
+
+
+def test_a_relayed_message_from_this_process_is_not_delivered_twice() -> None:
+    """With Redis, a process hears its own publications too; its participants were served directly."""
+    async def scenario() -> tuple[Tap, Tap]:
+        mine, theirs = Tap("mine"), Tap("theirs")
+        await fanout.join("own", mine)
+        await fanout.join("other", theirs)
+        relay = object.__new__(fanout._Relay)  # only _dispatch is exercised: no Redis connection
+        envelope = {"type": "message", "channel": b"lsl:term:own",
+                    "data": fanout.msgpack.packb({"o": fanout.PROCESS_ID, "m": {"type": "term.mark", "offset": 1}})}
+        await relay._dispatch(envelope)
+        envelope = {"type": "message", "channel": b"lsl:term:other",
+                    "data": fanout.msgpack.packb({"o": "another-process", "m": {"type": "term.mark", "offset": 2}})}
+        await relay._dispatch(envelope)
+        fanout.leave("own", mine)
+        fanout.leave("other", theirs)
+        return mine, theirs
+
+    mine, theirs = asyncio.run(scenario())
+    assert mine.got == [] and theirs.got == [{"type": "term.mark", "offset": 2}]
