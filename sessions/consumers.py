@@ -108,6 +108,7 @@ def _session_ended(session_id: str) -> dict[str, Any] | None:
 
 
 class TerminalConsumer(AsyncWebsocketConsumer):
+    STREAM_HANDLERS: dict[str, Any]  # message type -> handler, set after the class body
     session_id: str
     hub_channel: str | None = None
     role: Role | None = None
@@ -312,14 +313,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
     # through the channel layer. Both end in the same `term_*` handlers.
 
     async def on_stream(self, message: dict[str, Any]) -> None:
-        handler = self._stream_handlers.get(message["type"])
+        handler = self.STREAM_HANDLERS.get(message["type"])
         if handler is not None and not getattr(self, "exited", False):
-            await handler(message)
-
-    @property
-    def _stream_handlers(self) -> dict[str, Any]:
-        return {"term.output": self.term_output, "term.mark": self.term_mark, "term.snapshot": self.term_snapshot,
-                "term.control": self.term_control, "term.exit": self.term_exit}
+            await handler(self, message)
 
     async def on_stream_lost(self) -> None:
         """This process's subscription to the session's stream broke (Redis): output may be missing."""
@@ -540,3 +536,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         self.exited = True
         await self._send_json({"type": "exit", "code": code, "reason": reason or "ended"})
         await self.close(code=close_code)
+
+
+TerminalConsumer.STREAM_HANDLERS = {
+    "term.output": TerminalConsumer.term_output, "term.mark": TerminalConsumer.term_mark,
+    "term.snapshot": TerminalConsumer.term_snapshot, "term.control": TerminalConsumer.term_control,
+    "term.exit": TerminalConsumer.term_exit,
+}

@@ -319,22 +319,14 @@ class Hub:
     async def handle(self, message: dict[str, Any]) -> None:
         """One message from a participant: called directly by participants in this process (the
         fewest hops on the keystroke path), and by `_receive` for those in other processes."""
-        handler = self._handlers.get(message.get("type", ""))
+        handler = HANDLERS.get(message.get("type", ""))
         if handler is None:
             log.warning("session %s: unknown hub message %r", self.session_id, message.get("type"))
             return
         try:
-            await handler(message)
+            await handler(self, message)
         except Exception:
             log.exception("session %s: handling %s failed", self.session_id, message.get("type"))
-
-    @property
-    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        return {
-            "hub.join": self._on_join, "hub.leave": self._on_leave, "hub.input": self._on_input,
-            "hub.resize": self._on_resize, "hub.snapshot": self._on_snapshot, "hub.terminate": self._on_terminate,
-            "hub.role": self._on_role,
-        }
 
     async def _receive(self) -> None:
         backoff = 0.1
@@ -516,6 +508,12 @@ class Hub:
         for user_id, data in pending.items():
             await database_sync_to_async(services.record_event)(
                 self.session_id, AuditKind.INPUT, user_id, text=bytes(data).decode("utf-8", errors="replace"))
+
+
+HANDLERS: dict[str, Callable[[Hub, dict[str, Any]], Any]] = {
+    "hub.join": Hub._on_join, "hub.leave": Hub._on_leave, "hub.input": Hub._on_input, "hub.resize": Hub._on_resize,
+    "hub.snapshot": Hub._on_snapshot, "hub.terminate": Hub._on_terminate, "hub.role": Hub._on_role,
+}
 
 
 async def ensure_hub(session_id: str) -> str:
