@@ -5,13 +5,14 @@
 # The server drives the host's Docker engine through /var/run/docker.sock,
 # which the compose file mounts; see the warning there.
 
-# --- browser assets (xterm.js, asciinema-player, uPlot) -------------------------
+# --- browser assets (xterm.js, asciinema-player, uPlot) and the server's terminal emulator ---
 FROM node:20-slim AS assets
 WORKDIR /src/frontend
 COPY frontend/package.json frontend/package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY frontend/build.mjs ./
 COPY frontend/src ./src
+COPY sessions/emulator/emulator.js /src/sessions/emulator/emulator.js
 RUN node build.mjs
 
 # --- the session keeper: one static binary, copied into every environment ---------
@@ -33,7 +34,7 @@ COPY environments /src/environments
 COPY sessions /src/sessions
 COPY frontend /src/frontend
 COPY catalog /src/catalog
-RUN rm -rf /src/frontend/node_modules /src/frontend/static/frontend/dist \
+RUN rm -rf /src/frontend/node_modules /src/frontend/static/frontend/dist /src/sessions/emulator/dist \
  && find /src -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # --- server ---------------------------------------------------------------------
@@ -48,6 +49,9 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 COPY --from=source /src /app
 COPY --from=assets /src/frontend/static/frontend/dist /app/frontend/static/frontend/dist
+# The sessions' screen model runs xterm.js headless in a node child process (one file, no node_modules).
+COPY --from=assets /usr/local/bin/node /usr/local/bin/node
+COPY --from=assets /src/sessions/emulator/dist /app/sessions/emulator/dist
 COPY --from=keeper /src/lsl-keeper /app/environments/keeper/lsl-keeper
 # var/: generated secret key (unless LSL_SECRET_KEY is set), SQLite fallback DB.
 RUN mkdir -p /var/lib/lsl

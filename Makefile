@@ -42,7 +42,7 @@ $(NPM_STAMP): frontend/package-lock.json frontend/package.json
 	@touch $@
 
 # build.mjs wipes dist/ first, so the stamp inside it disappears with it.
-$(ASSETS_STAMP): $(NPM_STAMP) frontend/build.mjs $(wildcard frontend/src/*.js)
+$(ASSETS_STAMP): $(NPM_STAMP) frontend/build.mjs $(wildcard frontend/src/*.js) sessions/emulator/emulator.js
 	cd frontend && node build.mjs
 	@touch $@
 
@@ -73,12 +73,12 @@ images:
 test: venv assets keeper
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-bench: venv keeper
+bench: venv assets keeper
 	$(VPY) bench/terminal.py
 	$(VPY) bench/create.py
 
 clean:
-	rm -rf frontend/static/frontend/dist frontend/node_modules .pytest_cache $(KEEPER)
+	rm -rf frontend/static/frontend/dist sessions/emulator/dist frontend/node_modules .pytest_cache $(KEEPER)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Also drops the virtualenv and the cached Debian rootfs (keeps var/ data).

@@ -216,6 +216,13 @@ LSL_SESSION_MAX_LAG_RESYNCS = env_int("LSL_SESSION_MAX_LAG_RESYNCS", 10, minimum
 LSL_KEEPER_BINARY = Path(env_str("LSL_KEEPER_BINARY", str(BASE_DIR / "environments" / "keeper" / "lsl-keeper")))
 LSL_KEEPER_DIR = env_str("LSL_KEEPER_DIR", str(VAR_DIR / "k"))
 LSL_KEEPER_RING = env_int("LSL_KEEPER_RING", 2 * 1024 * 1024, minimum=4096)  # output bytes kept per session for a reattaching server
+# The sessions' screen model (sessions/emulator.py): xterm.js run headless in one node child process per
+# server process. A snapshot carries this many lines of scrollback; past LSL_EMULATOR_BACKLOG bytes
+# waiting to be parsed for one terminal (a flood), node drops the head of it and snapshots are approximate.
+LSL_NODE = env_str("LSL_NODE", "node")
+LSL_EMULATOR_BUNDLE = Path(env_str("LSL_EMULATOR_BUNDLE", str(BASE_DIR / "sessions" / "emulator" / "dist" / "emulator.cjs")))
+LSL_EMULATOR_BACKLOG = env_int("LSL_EMULATOR_BACKLOG", 4 * 1024 * 1024, minimum=64 * 1024)
+LSL_SESSION_SNAPSHOT_SCROLLBACK = env_int("LSL_SESSION_SNAPSHOT_SCROLLBACK", 200, minimum=0)
 # A session whose server died and to which nobody came back within this many seconds is ended
 # (server_lost) and its shell killed; until then it survives, so a restart loses nothing.
 LSL_SESSION_REATTACH_GRACE = env_float("LSL_SESSION_REATTACH_GRACE", 120.0, minimum=0)

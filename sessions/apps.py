@@ -10,6 +10,7 @@ class TerminalSessionsConfig(AppConfig):
 
     def ready(self) -> None:
         from environments import activity
+        from sessions import checks  # noqa: F401  (registers sessions.E001: node and the emulator bundle)
         from sessions import services  # also connects the environment_stopped receiver
 
         activity.register(services.SessionActivity())

@@ -33,16 +33,14 @@ from environments.services import shell_session_identity
 from lsl_site import events
 from sessions import fanout, services
 from sessions.models import AuditKind, EndReason, TerminalSession
+from sessions.emulator import EmulatorUnavailable, get_emulator
 from sessions.recording import Recorder
-from sessions.screen import ScreenState
 
 log = logging.getLogger(__name__)
 
 # Docker SDK calls block: they get their own threads, never the event loop or
 # Django's thread-sensitive executor (where they would serialise with DB calls).
 DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-docker")
-# Terminal emulation is CPU-bound Python; one thread keeps it ordered per process.
-SCREEN_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsl-screen")
 
 # After passing on a chunk of at least BATCH_FROM bytes, the reader waits
 # OUTPUT_BATCH before reading again. The engine hands over a flood in ~4 KiB
@@ -94,7 +92,10 @@ class Hub:
         self.command = list(session.command) or ["/bin/sh"]
         self.cols, self.rows = session.cols, session.rows
         self.layer = get_channel_layer()
-        self.screen = ScreenState(self.cols, self.rows)
+        # The screen model lives in the process's emulator (xterm.js in a node child process): the
+        # hub only hands it each chunk, in order, so it never competes with delivery here.
+        self.emulator = get_emulator()
+        self._snapshot: tuple[tuple[int, int, int], "asyncio.Future[bytes]"] | None = None
         self.recorder = Recorder(self.session_id, self.cols, self.rows, title=session.environment_name,
                                  started_at=session.created_at.timestamp())
         self.members: dict[str, Member] = {}
@@ -135,7 +136,7 @@ class Hub:
             log.info("session %s: taken over (keeper at %d, replaying from %d%s)", self.session_id, hello.end,
                      hello.sent_from, ", earlier output is gone" if hello.sent_from > 0 else "")
             self.cols, self.rows = hello.cols, hello.rows
-            self.screen.resize(hello.cols, hello.rows)
+        self.emulator.open(self.session_id, self.cols, self.rows)
         HUBS[self.session_id] = self
         # Whoever ends the session (a user, a stopped environment, the worker), in whichever
         # process, records it and publishes `session.ended`; the owner hangs up when it hears it.
@@ -174,7 +175,7 @@ class Hub:
                 # Only possible at a takeover whose replay lost older bytes; say so in the log.
                 log.info("session %s: stream jumps %d -> %d", self.session_id, self.offset, start)
             self.offset = start + len(data)
-            self.screen.append(data)
+            self.emulator.feed(self.session_id, data)
             if self.offset > self.record_from:
                 self.recorder.output(data[max(0, self.record_from - start):])
             # `t`: when the keeper read it from the PTY, so the lag bound counts every queue on the way.
@@ -218,20 +219,17 @@ class Hub:
         return False
 
     def _schedule_quiet_flush(self) -> None:
-        """Emulate queued output once it goes quiet, so snapshots stay cheap and exact."""
+        """Once output goes quiet, tell everyone where the stream is: a participant whose last chunks
+        were lost on the way (a Redis hiccup, a full channel) learns it here, not at the next output."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         loop = asyncio.get_running_loop()
 
-        def flush() -> None:
-            reset, data = self.screen.detach()
-            loop.run_in_executor(SCREEN_EXECUTOR, self.screen.feed, reset, data)
-            # Where the stream is now: a participant whose last chunks were dropped on the way
-            # (a full channel) learns it here, instead of only when more output comes.
+        def mark() -> None:
             self.tasks.append(asyncio.create_task(self._broadcast({"type": "term.mark", "offset": self.offset})))
             self.tasks[:] = [t for t in self.tasks if not t.done()]
 
-        self._flush_handle = loop.call_later(QUIET_FLUSH, flush)
+        self._flush_handle = loop.call_later(QUIET_FLUSH, mark)
 
     async def _on_pty_closed(self) -> None:
         code = self.exit_code
@@ -284,6 +282,7 @@ class Hub:
         if self._bus is not None and self._bus_key is not None:
             self._bus.unsubscribe(self._bus_key)
         self._recording_closed = self.recorder.close()
+        self.emulator.close(self.session_id)
         return True
 
     async def _let_go(self) -> None:
@@ -400,17 +399,12 @@ class Hub:
     # --- outputs --------------------------------------------------------------------
 
     async def _send_snapshot(self, channel: str) -> None:
-        loop = asyncio.get_running_loop()
-        # Offset and screen must match: both are taken here, on the loop, before any
-        # further output is appended; the worker emulates exactly those bytes.
-        offset = self.offset
-        reset, pending = self.screen.detach()
-
-        def render() -> bytes:
-            self.screen.feed(reset, pending)
-            return self.screen.render()
-
-        data = await loop.run_in_executor(SCREEN_EXECUTOR, render)
+        try:
+            offset, data = await self._current_snapshot()
+        except (EmulatorUnavailable, KeyError) as exc:
+            # The participant asks again after SNAPSHOT_RETRY; the emulator restarts meanwhile.
+            log.error("session %s: no snapshot for %s: %s", self.session_id, channel, exc)
+            return
         message = {"type": "term.snapshot", "offset": offset, "data": data, "cols": self.cols, "rows": self.rows}
         tap = fanout.local_tap(channel)
         if tap is not None:  # a participant in this process: no channel layer
@@ -422,6 +416,29 @@ class Hub:
             # The participant's queue is full of output it has not consumed yet; it asks
             # again if no snapshot arrives (see TerminalConsumer.SNAPSHOT_RETRY).
             log.warning("session %s: snapshot for %s dropped, its channel is full", self.session_id, channel)
+
+    async def _current_snapshot(self) -> tuple[int, bytes]:
+        """The screen at the current offset. Participants joining together (a class of 500 opening
+        the same session) share one: it is rendered once per offset and size, not once per joiner."""
+        key = (self.offset, self.cols, self.rows)
+        if self._snapshot is not None and self._snapshot[0] == key:
+            return key[0], await asyncio.shield(self._snapshot[1])
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._snapshot = (key, future)
+        try:
+            # Awaited here, not in a task: the request is pinned now, at exactly the bytes fed up to key[0].
+            data = await self.emulator.snapshot(self.session_id)
+        except asyncio.CancelledError:
+            self._snapshot = None
+            future.cancel()
+            raise
+        except Exception as exc:
+            self._snapshot = None
+            future.set_exception(exc)
+            future.exception()  # retrieved: whoever shares it gets the error; nobody else need
+            raise
+        future.set_result(data)
+        return key[0], data
 
     def _presence_soon(self) -> None:
         """Coalesced: a storm of joins (hundreds of participants arriving) sends one presence list
@@ -455,13 +472,7 @@ class Hub:
         self.cols, self.rows = cols, rows
         assert self.link is not None
         self.link.resize(cols, rows)
-        reset, pending = self.screen.detach()
-
-        def resize() -> None:
-            self.screen.feed(reset, pending)
-            self.screen.resize(cols, rows)
-
-        await asyncio.get_running_loop().run_in_executor(SCREEN_EXECUTOR, resize)
+        self.emulator.resize(self.session_id, cols, rows)
         self.recorder.resize(cols, rows)
         await database_sync_to_async(services.set_size)(self.session_id, cols, rows, None)
         await self._broadcast({"type": "term.control", "payload": {"type": "resize", "cols": cols, "rows": rows}})

@@ -12,7 +12,7 @@ from websockets.exceptions import InvalidStatus
 
 from environments.models import Role
 from environments.services import grant_access, revoke_access
-from sessions.screen import AltScreen
+from tests.wsclient import AltScreen
 from tests.conftest import make_token
 from tests.wsclient import TermClient
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -10,7 +11,44 @@ from typing import Any, Callable
 import pyte
 from websockets.sync.client import connect
 
-from sessions.screen import AltScreen
+ALT_SCREEN_MODES = {47, 1047, 1049}
+
+
+class AltScreen(pyte.Screen):
+    """pyte.Screen plus the alternate screen buffer (modes 47/1047/1049), which pyte ignores.
+
+    Full-screen programs (vim, less, top) draw on the alternate screen and restore
+    the main one on exit; without this a late joiner would see their leftovers.
+    """
+
+    def __init__(self, columns: int, lines: int) -> None:
+        super().__init__(columns, lines)
+        self.in_alt = False
+        self._saved: tuple[Any, Any] | None = None
+
+    def set_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private") and ALT_SCREEN_MODES & set(modes) and not self.in_alt:
+            self._saved = ({y: dict(line) for y, line in self.buffer.items()}, copy.copy(self.cursor))
+            self.in_alt = True
+            self.erase_in_display(2)
+            modes = tuple(m for m in modes if m not in ALT_SCREEN_MODES)
+        super().set_mode(*modes, **kwargs)
+
+    def reset_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private") and ALT_SCREEN_MODES & set(modes) and self.in_alt:
+            self.in_alt = False
+            saved, cursor = self._saved or ({}, self.cursor)
+            self.buffer.clear()
+            for y, line in saved.items():
+                if y < self.lines:
+                    self.buffer[y].update({x: ch for x, ch in line.items() if x < self.columns})
+            self.cursor = cursor
+            self.cursor.x = min(self.cursor.x, self.columns - 1)
+            self.cursor.y = min(self.cursor.y, self.lines - 1)
+            self.dirty.update(range(self.lines))
+            modes = tuple(m for m in modes if m not in ALT_SCREEN_MODES)
+        super().reset_mode(*modes, **kwargs)
+
 
 
 ACK_EVERY = 64 * 1024
