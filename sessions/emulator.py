@@ -4,17 +4,18 @@ One node process per server process (sessions/emulator/emulator.js, bundled by `
 into sessions/emulator/dist/emulator.cjs) holds one headless xterm.js Terminal per session key.
 Output is shipped to it off the hot path: `feed` only appends a frame (the caller's bytes, not
 copied) to a queue that one `loop.call_soon` flush hands to node's stdin with a single writev;
-node parses in the background (15-55 MiB/s, at nice +5, outside the GIL: pyte managed ~0.1-1)
+node parses in the background (15-55 MiB/s, at the lowest CPU priority, outside the GIL: pyte managed ~0.1-1)
 and serializes a snapshot on request. xterm.js clients draw a snapshot exactly as the live
 stream drew it: the same parser built it.
 
 Exactness: a snapshot reflects every byte fed (and every resize) before `snapshot()` started
 and none after -- the request is queued when the coroutine first runs, so `await
-emulator.snapshot(key)` pins it at the call. The only inexact case in normal operation: when
-output arrives faster than node can parse it and more than LSL_EMULATOR_BACKLOG bytes wait for
-one terminal, node drops the head of that backlog except its sticky state (private modes, SGR,
-scroll region) and logs once that snapshots may be approximate; they then show the flood's last
-screenfuls. (Never in a snapshot: the window title, tab stops, OSC 8 hyperlinks, underline
+emulator.snapshot(key)` pins it at the call. The only inexact case in normal operation: node
+runs at the lowest CPU priority, so that on a busy machine delivering output wins the cores;
+when it falls behind by more than LSL_EMULATOR_BACKLOG bytes for one terminal (or by more than
+1 MiB when a snapshot is asked for, so a joiner never waits long), it drops the head of that
+backlog except its sticky state (private modes, SGR, scroll region) and logs once that
+snapshots may be approximate; they then show the flood's last screenfuls. (Never in a snapshot: the window title, tab stops, OSC 8 hyperlinks, underline
 styles and colours, the attributes saved with the cursor -- SerializeAddon does not write them.)
 
 Node dying is survivable: each terminal keeps the last LSL_KEEPER_RING bytes it was fed (and the
@@ -51,6 +52,11 @@ from django.conf import settings
 from lsl_site.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+# node parses at the lowest priority: on a busy machine delivery wins the cores and node falls
+# behind (its backlog is bounded, see emulator.js); with a core to spare it keeps up and every
+# snapshot is exact.
+NICE = 19
 
 # Frames, both ways: type, key length, payload length, key, payload (emulator.js has the list).
 _HEADER = struct.Struct(">cHI")
@@ -396,7 +402,7 @@ class Emulator:
         # nice applies to all of node's threads (setpriority on a pid would miss them): a flood's
         # parsing yields the cores to delivering output.
         nice = shutil.which("nice")
-        return [*self._prefix, *([nice, "-n", "5"] if nice else []), node, "--expose-gc", str(self.bundle),
+        return [*self._prefix, *([nice, "-n", str(NICE)] if nice else []), node, "--expose-gc", str(self.bundle),
                 f"--scrollback={self.scrollback}", f"--backlog={self.backlog}"]
 
     def _start(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pyte
 import pytest
 
+from sessions.emulator import NICE
 from tests.wsclient import AltScreen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -489,7 +490,7 @@ def test_node_runs_niced_and_dies_with_its_parent(tmp_path: Path) -> None:
         assert parent.stdout is not None
         node = int(parent.stdout.readline())
         nice = int(Path(f"/proc/{node}/stat").read_text().rsplit(")", 1)[1].split()[16])
-        assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+        assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
     finally:
         parent.kill()  # SIGKILL: no clean-up of its own; the pipe's EOF and PR_SET_PDEATHSIG remain
         parent.wait()

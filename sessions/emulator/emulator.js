@@ -27,15 +27,22 @@
 //
 // Flow control: xterm.js throws "write data discarded" past 50 MB of unparsed writes, so at most
 // MAX_INFLIGHT bytes are handed to it at a time; the rest waits in the terminal's own queue. When
-// more than --backlog bytes wait (a flood faster than parsing), the head of the queue is dropped
-// except its sticky state (see compact()); snapshots are then approximate -- the only inexact case.
+// more than --backlog bytes wait (a flood faster than parsing), or more than SNAPSHOT_QUEUE when a
+// snapshot is asked for, the head of the queue is dropped except its sticky state (see compact());
+// snapshots are then approximate -- the only inexact case. node runs at the lowest CPU priority
+// (nice 19): with a core to spare it keeps up and this never happens; on a busy machine,
+// delivering output to participants wins and the screen model skips ahead.
 
 import { Terminal } from "@xterm/headless";
 import { SerializeAddon } from "@xterm/addon-serialize";
 
 const HEADER = 7;
 const WRITE_CHUNK = 256 * 1024; // bytes per Terminal.write(): big enough to amortise its per-call cost
-const MAX_INFLIGHT = 1024 * 1024; // handed to xterm.js but not yet parsed: keeps its write buffer busy
+const MAX_INFLIGHT = 512 * 1024; // handed to xterm.js but not yet parsed: keeps its write buffer busy
+// A snapshot waits for everything queued before it to be parsed. Node runs at the lowest CPU
+// priority, so on a busy machine it may be far behind: past this many queued bytes, the queue is
+// compacted (see compact()) before a snapshot, so that a joiner never waits long for its screen.
+const SNAPSHOT_QUEUE = 1024 * 1024;
 
 function option(name, fallback) {
   const prefix = `--${name}=`;
@@ -133,12 +140,13 @@ class Session {
       this.ops.push({ t: "d", bufs: [buf], n: buf.length });
     }
     this.queued += buf.length;
-    if (this.queued > BACKLOG) this.compact();
+    if (this.queued > BACKLOG) this.compact(BACKLOG >> 1);
     this.pump();
   }
 
   barrier(op) {
     this.ops.push(op);
+    if (op.t === "s" && this.queued > SNAPSHOT_QUEUE) this.compact(SNAPSHOT_QUEUE >> 1);
     this.pump();
   }
 
@@ -197,8 +205,8 @@ class Session {
   // are separated by resizes and snapshots, so each snapshot still shows the end of the output
   // before it. (Runs shorter than 2 tails are left whole: only dozens of snapshots or resizes a
   // second during a flood could keep the queue above the backlog that way.)
-  compact() {
-    const keep = Math.min(BACKLOG >> 1, Math.max(256 * 1024, this.term.cols * (this.term.rows + SCROLLBACK) * 8));
+  compact(target) {
+    const keep = Math.min(target, Math.max(256 * 1024, this.term.cols * (this.term.rows + SCROLLBACK) * 8));
     let dropped = 0;
     for (const op of this.ops) {
       if (op.t !== "d" || op.n <= keep * 2) continue;
@@ -213,12 +221,12 @@ class Session {
       dropped += cut;
       op.bufs = [fresh];
       op.n = fresh.length;
-      if (this.queued <= BACKLOG >> 1) break;
+      if (this.queued <= target) break;
     }
     if (dropped > 0 && !this.warned) {
       this.warned = true;
-      log(`terminal ${this.key}: output arrives faster than it can be parsed; dropped ${dropped} bytes of ` +
-          `backlog (more than ${BACKLOG}), its snapshots may be approximate from now on`);
+      log(`terminal ${this.key}: output arrives faster than it is parsed; dropped ${dropped} bytes of ` +
+          `backlog (over ${this.queued > SNAPSHOT_QUEUE ? BACKLOG : SNAPSHOT_QUEUE} bytes), its snapshots may be approximate from now on`);
     }
   }
 
