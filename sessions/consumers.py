@@ -469,7 +469,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._request_snapshot()  # some output was not kept: redraw again
 
     async def term_control(self, event: dict[str, Any]) -> None:
-        await self._send_json(event["payload"])
+        text = event.get("text")  # encoded once by the hub for everyone
+        await self.send(text_data=text if text is not None else json.dumps(event["payload"]))
 
     async def term_exit(self, event: dict[str, Any]) -> None:
         await self._send_exit(event.get("code"), event.get("reason"))

@@ -16,6 +16,7 @@ rebuilds the screen from the output the keeper kept.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -52,11 +53,18 @@ DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-doc
 # the loop is busy, each read finds more than BATCH_FROM waiting.
 OUTPUT_BATCH = 0.002
 BATCH_FROM = 1024
+# Every participant costs a websocket frame per chunk (a few tens of µs of Python each): with many
+# watching, a flood waits longer between reads and travels in proportionally bigger chunks, so the
+# frames per second stay about what a handful of participants cost. (Up to 20 ms: still smooth.)
+OUTPUT_BATCH_PER_PARTICIPANT = 0.0004
+OUTPUT_BATCH_MAX = 0.02
 RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
 HEARTBEAT = 2.0  # services.HUB_STALE_AFTER is three of these
 TYPING_PRESENCE_EVERY = 1.0
 PRESENCE_DEBOUNCE = 0.05
+PRESENCE_DEBOUNCE_PER_MEMBER = 0.001
+PRESENCE_DEBOUNCE_MAX = 1.0
 
 HUBS: dict[str, "Hub"] = {}
 
@@ -181,7 +189,7 @@ class Hub:
             # `t`: when the keeper read it from the PTY, so the lag bound counts every queue on the way.
             await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": read_at or time.time()})
             self._schedule_quiet_flush()
-            await asyncio.sleep(OUTPUT_BATCH if len(data) >= BATCH_FROM else 0)
+            await asyncio.sleep(self._batch_delay() if len(data) >= BATCH_FROM else 0)
         elif kind == b"X":
             self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
             return True
@@ -193,6 +201,9 @@ class Hub:
         elif kind == b"E":
             log.warning("session %s: keeper error: %s", self.session_id, payload.decode(errors="replace"))
         return False
+
+    def _batch_delay(self) -> float:
+        return min(OUTPUT_BATCH_MAX, OUTPUT_BATCH + OUTPUT_BATCH_PER_PARTICIPANT * len(self.members))
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
         """Send to every participant, in every process (sessions/fanout.py): once per process, never
@@ -442,19 +453,22 @@ class Hub:
 
     def _presence_soon(self) -> None:
         """Coalesced: a storm of joins (hundreds of participants arriving) sends one presence list
-        every PRESENCE_DEBOUNCE, not one per join to everyone (quadratic in messages, cubic in
-        copies, with the in-memory layer)."""
+        every so often, not one per join to everyone (quadratic in frames). The list grows with the
+        crowd, so the pause does too: 50 ms for a pair, half a second for 500."""
         if not self._presence_pending:
             self._presence_pending = True
             self.tasks.append(asyncio.create_task(self._broadcast_presence_later()))
 
     async def _broadcast_presence_later(self) -> None:
-        await asyncio.sleep(PRESENCE_DEBOUNCE)
+        await asyncio.sleep(min(PRESENCE_DEBOUNCE_MAX, PRESENCE_DEBOUNCE + PRESENCE_DEBOUNCE_PER_MEMBER * len(self.members)))
         self._presence_pending = False
         participants = [{"id": m.participation_id, "user": m.username, "role": m.role, "client": m.client,
                          "typing": m.username == self.last_typed_by} for m in self.members.values()]
-        await self._broadcast({"type": "term.control", "payload": {
-            "type": "presence", "participants": participants, "last_typed_by": self.last_typed_by}})
+        await self._control({"type": "presence", "participants": participants, "last_typed_by": self.last_typed_by})
+
+    async def _control(self, payload: dict[str, Any]) -> None:
+        """A JSON message for every participant, encoded once here (not once per participant)."""
+        await self._broadcast({"type": "term.control", "payload": payload, "text": json.dumps(payload)})
 
     def _schedule_resize(self) -> None:
         if self._resize_task is not None:
@@ -475,7 +489,7 @@ class Hub:
         self.emulator.resize(self.session_id, cols, rows)
         self.recorder.resize(cols, rows)
         await database_sync_to_async(services.set_size)(self.session_id, cols, rows, None)
-        await self._broadcast({"type": "term.control", "payload": {"type": "resize", "cols": cols, "rows": rows}})
+        await self._control({"type": "resize", "cols": cols, "rows": rows})
 
     def _arm_idle_timer(self) -> None:
         if self.members or self.finished.is_set():
