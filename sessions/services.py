@@ -38,16 +38,22 @@ def open_session(env: Environment, user: AbstractBaseUser, *, name: str = "", co
     return session
 
 
+PRESENCE_LISTED = 50
+
+
 def _publish_presence(session_id: Any) -> None:
     """Who is attached now, for dashboards (participants in the terminal hear it from the hub)."""
     row = TerminalSession.objects.filter(pk=session_id).values("environment_id").first()
     if row is None or row["environment_id"] is None:
         return
-    attached = (Participation.objects.filter(session_id=session_id, left_at__isnull=True).select_related("user")
-                .order_by("joined_at"))
-    participants = [{"user": p.user.get_username(), "role": p.role, "client": p.client_kind} for p in attached]
-    events.publish("session.presence", {"participants": participants}, environment_id=row["environment_id"],
-                   session_id=session_id)
+    attached = Participation.objects.filter(session_id=session_id, left_at__isnull=True)
+    # The first PRESENCE_LISTED by arrival, and how many in all: a join storm of hundreds then costs
+    # O(1) per join, not a list of everyone per join (quadratic).
+    first = attached.select_related("user").order_by("joined_at")[:PRESENCE_LISTED]
+    participants = [{"user": p.user.get_username(), "role": p.role, "client": p.client_kind} for p in first]
+    count = len(participants) if len(participants) < PRESENCE_LISTED else attached.count()
+    events.publish("session.presence", {"participants": participants, "count": count},
+                   environment_id=row["environment_id"], session_id=session_id)
 
 
 def record_event(session_id: Any, kind: str, user_id: int | None = None, **data: Any) -> None:
