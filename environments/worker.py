@@ -26,12 +26,13 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, connections
+from django.db import connection
 from django.utils import timezone
 
 from environments import metrics, provisioning, reconcile, runtime, services, tasks
 from environments.models import Environment, Status
 from lsl_site import events, wake
+from lsl_site.dbpool import refresh_connections
 from lsl_site.models import PeriodicJob
 
 log = logging.getLogger("lsl.worker")
@@ -78,38 +79,6 @@ PERIODIC: list[Periodic] = [
     Periodic("prune_events", lambda: 300.0, lambda: events.prune(settings.LSL_EVENT_RETENTION)),
     Periodic("prune_task_results", lambda: 3600.0, _prune_task_results),
 ]
-
-
-def refresh_connections() -> None:
-    """The worker's close_old_connections(): called at the top of each round of a thread's loop, it
-    keeps the thread's connection open instead of closing it.
-
-    With CONN_MAX_AGE=0 (right for daphne, whose requests each run in a context of their own),
-    close_old_connections() closes every connection, so each round opened a new one: about a
-    millisecond on SQLite, more on PostgreSQL, paid twice (claim, then the task's thread) between a
-    task being queued and the worker starting it. The worker's threads live as long as it does, so
-    each keeps one. As with close_old_connections(), a connection left outside autocommit or that
-    saw an error and no longer answers is closed (the next query opens a new one); and a kept one
-    is checked (is_usable: free on SQLite, `SELECT 1` on PostgreSQL) before its next use, as
-    CONN_HEALTH_CHECKS does, so a restarted database server costs a reconnect, not a failed round.
-    """
-    for conn in connections.all(initialized_only=True):
-        if conn.connection is None:
-            continue
-        try:
-            keep = conn.get_autocommit() == conn.settings_dict["AUTOCOMMIT"] and (
-                not conn.errors_occurred or conn.is_usable())
-        except Exception:
-            keep = False
-        if not keep:
-            try:
-                conn.close()  # leaves conn.connection None even when closing fails
-            except Exception:
-                pass
-            continue
-        conn.errors_occurred = False
-        conn.health_check_enabled = True  # reset from the settings on every connect
-        conn.health_check_done = False
 
 
 def register_periodic(job: Periodic) -> None:

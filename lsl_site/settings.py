@@ -93,6 +93,9 @@ TEMPLATES = [
     },
 ]
 
+# Threads (each with its own database connection) that run the websocket consumers' and session
+# hubs' queries (lsl_site/dbpool.py).
+LSL_DB_THREADS = env_int("LSL_DB_THREADS", 4, minimum=1)
 DATABASE_URL = env_str("LSL_DATABASE_URL", f"sqlite:///{VAR_DIR / 'lsl.sqlite3'}")
 try:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}

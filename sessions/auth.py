@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.conf import settings
+
+from lsl_site import dbpool
 from django.contrib.auth.models import AnonymousUser
 
 
-@database_sync_to_async
 def _user_for_key(key: str) -> Any:
     from accounts.auth import user_for_key
 
@@ -42,7 +42,7 @@ class _TokenAuth:
             from accounts.auth import parse_authorization
 
             key = parse_authorization(header)
-            user = await _user_for_key(key) if key else None
+            user = await dbpool.run(_user_for_key, key) if key else None
             scope = dict(scope, user=user or AnonymousUser(), auth_method="token")
             return await self.inner(scope, receive, send)
         return await self.inner(scope, receive, send)

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from autobahn.exception import Disconnected
-from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -25,7 +24,7 @@ from django.conf import settings
 
 from environments.models import Environment, Role
 from environments.permissions import role_for
-from lsl_site import events
+from lsl_site import dbpool, events
 from sessions import fanout, services
 from sessions import hub as hubs
 from sessions.hub import ensure_hub
@@ -89,7 +88,6 @@ def _size(value: Any, default: int | None = None) -> int | None:
     return size if 1 <= size <= 1000 else default
 
 
-@database_sync_to_async
 def _load(session_id: str, user: Any) -> tuple[TerminalSession | None, Role | None]:
     session = TerminalSession.objects.select_related("environment").filter(pk=session_id).first()
     if session is None or session.environment is None:
@@ -97,13 +95,11 @@ def _load(session_id: str, user: Any) -> tuple[TerminalSession | None, Role | No
     return session, role_for(user, session.environment)
 
 
-@database_sync_to_async
 def _current_role(environment_id: Any, user: Any) -> Role | None:
     env = Environment.objects.filter(pk=environment_id).first()
     return role_for(user, env) if env is not None else None
 
 
-@database_sync_to_async
 def _session_ended(session_id: str) -> dict[str, Any] | None:
     return TerminalSession.objects.filter(pk=session_id, ended_at__isnull=False).values("end_reason", "exit_code").first()
 
@@ -121,7 +117,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close()  # before accept: the handshake is refused with HTTP 403
             return
-        session, role = await _load(self.session_id, user)
+        session, role = await dbpool.run(_load, self.session_id, user)
         if session is None or role is None:
             await self.close()  # unknown session and no permission look the same
             return
@@ -148,13 +144,13 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         try:
             self.hub_channel = await ensure_hub(self.session_id)
         except LookupError as exc:
-            ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
+            ended = await dbpool.run(_session_ended, self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
             return
         await fanout.join(self.session_id, self)
         remote = self.scope.get("client") or ["", 0]
-        participation = await database_sync_to_async(services.join)(
-            self.session_id, user, role.label, self.client_kind, str(remote[0] or ""))
+        participation = await dbpool.run(services.join, self.session_id, user, role.label, self.client_kind,
+                                         str(remote[0] or ""))
         self.participation_id = participation.pk
         cols, rows = _size((query.get("cols") or [None])[0]), _size((query.get("rows") or [None])[0])
         await self._send_json({"type": "hello", "session": self.session_id, "environment": str(session.environment_id),
@@ -195,8 +191,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         """Channels' dispatch, without its `aclose_old_connections()` before every message: that is a
         hop through the thread-sensitive executor per keystroke, queued behind any database work of
         the process (hundreds of joins), and measured as the largest part of the server's share of
-        echo latency. Every database call here goes through database_sync_to_async, which closes
-        stale connections itself around each call."""
+        echo latency. Every database call here goes through lsl_site.dbpool, which checks its
+        connection itself before each call."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -248,14 +244,14 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         try:
             channel = await self._resolve_hub()
         except LookupError as exc:
-            ended = await _session_ended(self.session_id) or {"exit_code": None, "end_reason": str(exc)}
+            ended = await dbpool.run(_session_ended, self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
             return
         if channel != self.hub_channel:
             log.info("session %s: %s follows the session to %s", self.session_id, self.channel_name, channel)
             self.hub_channel = channel
             if self.participation_id is not None:
-                await database_sync_to_async(services.rejoin)(self.participation_id)
+                await dbpool.run(services.rejoin, self.participation_id)
             await self._join_hub()
         await self._request_snapshot()
 
@@ -269,7 +265,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if self.hub_channel is not None:
             await self._to_hub("hub.leave")
         if self.participation_id is not None:
-            await database_sync_to_async(services.leave)(self.participation_id)
+            await dbpool.run(services.leave, self.participation_id)
             self.participation_id = None
 
     # --- client → server -------------------------------------------------------------
@@ -303,7 +299,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             now = time.monotonic()
             if now - self._last_denied > ROLE_DENIED_AUDIT_EVERY:
                 self._last_denied = now
-                await database_sync_to_async(services.record_event)(self.session_id, AuditKind.ROLE_DENIED, self.user.pk,
+                await dbpool.run(services.record_event, self.session_id, AuditKind.ROLE_DENIED, self.user.pk,
                                                                     role=self.role.label if self.role else None)
             return
         await self._to_hub("hub.input", data=data)
@@ -498,7 +494,7 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self._send_exit(code, reason)
 
     async def _recheck_role(self) -> None:
-        role = await _current_role(self.environment_id, self.user)
+        role = await dbpool.run(_current_role, self.environment_id, self.user)
         if role is None:
             await self._send_exit(None, "access_revoked", close_code=4403)
             return

@@ -24,14 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from environments import keeper, runtime
 from environments.services import shell_session_identity
-from lsl_site import events
+from lsl_site import dbpool, events
 from sessions import fanout, services
 from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.emulator import EmulatorUnavailable, get_emulator
@@ -128,7 +127,7 @@ class Hub:
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        user, user_env = await database_sync_to_async(shell_session_identity)(self.container_id)  # the environment user
+        user, user_env = await dbpool.run(shell_session_identity, self.container_id)  # the environment user
         uid, _, gid = (user or "0:0").partition(":")
         request = keeper.open_request(
             self.session_id, argv=self.command, uid=int(uid), gid=int(gid or uid), cwd=runtime.WORKSPACE_PATH,
@@ -271,9 +270,9 @@ class Hub:
             return
         # The recording is complete before anyone can learn that the session ended.
         await asyncio.wrap_future(self._recording_closed)
-        await database_sync_to_async(services.mark_ended)(self.session_id, reason, code)
+        await dbpool.run(services.mark_ended, self.session_id, reason, code)
         # The DB may hold an earlier reason (e.g. the environment was stopped): report that one.
-        ended = await database_sync_to_async(TerminalSession.objects.values("end_reason", "exit_code").get)(pk=self.session_id)
+        ended = await dbpool.run(TerminalSession.objects.values("end_reason", "exit_code").get, pk=self.session_id)
         await self._broadcast({"type": "term.exit", "code": ended["exit_code"] if ended["exit_code"] is not None else code,
                                "reason": ended["end_reason"] or reason})
         await self._let_go()
@@ -308,7 +307,7 @@ class Hub:
         """Graceful shutdown of this process: hand the session back (the next process a participant
         reaches takes it over at once) and stop serving. The shell keeps running."""
         await self._stand_down()
-        await database_sync_to_async(services.release_hub)(self.session_id, self.channel)
+        await dbpool.run(services.release_hub, self.session_id, self.channel)
 
     async def terminate(self, reason: str) -> None:
         """Kill the shell (the keeper HUPs its process group, then KILLs it)."""
@@ -488,7 +487,7 @@ class Hub:
         self.link.resize(cols, rows)
         self.emulator.resize(self.session_id, cols, rows)
         self.recorder.resize(cols, rows)
-        await database_sync_to_async(services.set_size)(self.session_id, cols, rows, None)
+        await dbpool.run(services.set_size, self.session_id, cols, rows, None)
         await self._control({"type": "resize", "cols": cols, "rows": rows})
 
     def _arm_idle_timer(self) -> None:
@@ -508,7 +507,7 @@ class Hub:
             try:
                 # Not in the shared thread-sensitive executor: behind a queue of joins (hundreds of
                 # participants arriving) a renewal came late enough for the reaper to release a live hub.
-                renewed = await database_sync_to_async(services.heartbeat, thread_sensitive=False)(self.session_id, self.channel)
+                renewed = await dbpool.run(services.heartbeat, self.session_id, self.channel)
             except Exception as exc:  # the database restarting: try again; a long outage makes us stale
                 log.warning("session %s: heartbeat failed: %s", self.session_id, exc)
                 renewed = True
@@ -531,8 +530,8 @@ class Hub:
         """Input is audited per user in batches, not per keystroke."""
         pending, self._pending_input = self._pending_input, {}
         for user_id, data in pending.items():
-            await database_sync_to_async(services.record_event)(
-                self.session_id, AuditKind.INPUT, user_id, text=bytes(data).decode("utf-8", errors="replace"))
+            await dbpool.run(services.record_event, self.session_id, AuditKind.INPUT, user_id,
+                             text=bytes(data).decode("utf-8", errors="replace"))
 
 
 HANDLERS: dict[str, Callable[[Hub, dict[str, Any]], Any]] = {
@@ -554,8 +553,8 @@ async def ensure_hub(session_id: str) -> str:
     # to its own consumers starved them in testing. One reader per plain channel is fine.
     channel = f"lslhub.{uuid.UUID(session_id).hex}.{uuid.uuid4().hex[:12]}"
     for _ in range(3):
-        outcome = await database_sync_to_async(services.claim_hub)(session_id, channel)
-        session = await database_sync_to_async(TerminalSession.objects.select_related("environment").get)(pk=session_id)
+        outcome = await dbpool.run(services.claim_hub, session_id, channel)
+        session = await dbpool.run(TerminalSession.objects.select_related("environment").get, pk=session_id)
         if outcome != "remote" or session.hub_channel:
             break
         # Released between the claim and the read (its owner shut down, or the reaper): claim again.
@@ -567,7 +566,7 @@ async def ensure_hub(session_id: str) -> str:
         raise LookupError(session.end_reason or "ended")
     env = session.environment
     if env is None or not env.container_id:
-        await database_sync_to_async(services.mark_ended)(session_id, EndReason.SERVER_ERROR, None)
+        await dbpool.run(services.mark_ended, session_id, EndReason.SERVER_ERROR, None)
         raise LookupError(EndReason.SERVER_ERROR)
     hub = Hub(session, env.container_id, channel, takeover=outcome == "taken_over")
     try:
@@ -578,7 +577,7 @@ async def ensure_hub(session_id: str) -> str:
         log.warning("session %s: could not %s the terminal: %s", session_id,
                     "attach to" if hub.takeover else "open", exc)
         hub.recorder.close()
-        await database_sync_to_async(services.mark_ended)(session_id, reason, None)
+        await dbpool.run(services.mark_ended, session_id, reason, None)
         raise LookupError(reason) from exc
     return channel
 

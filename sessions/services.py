@@ -41,19 +41,25 @@ def open_session(env: Environment, user: AbstractBaseUser, *, name: str = "", co
 PRESENCE_LISTED = 50
 
 
+def _listed(session_id: Any, joined_at: Any) -> bool:
+    """Whether a participant who joined at `joined_at` is (or was, until it left) among the first
+    PRESENCE_LISTED attached, the ones a presence event lists: the arrivals and departures of the
+    rest change nothing a dashboard shows."""
+    earlier = Participation.objects.filter(session_id=session_id, left_at__isnull=True, joined_at__lt=joined_at)
+    return earlier.count() < PRESENCE_LISTED
+
+
 def _publish_presence(session_id: Any) -> None:
-    """Who is attached now, for dashboards (participants in the terminal hear it from the hub)."""
+    """Who is attached now, for dashboards (participants in the terminal hear it from the hub): the
+    first PRESENCE_LISTED by arrival, so that a join storm of hundreds costs O(1) per join."""
     row = TerminalSession.objects.filter(pk=session_id).values("environment_id").first()
     if row is None or row["environment_id"] is None:
         return
-    attached = Participation.objects.filter(session_id=session_id, left_at__isnull=True)
-    # The first PRESENCE_LISTED by arrival, and how many in all: a join storm of hundreds then costs
-    # O(1) per join, not a list of everyone per join (quadratic).
-    first = attached.select_related("user").order_by("joined_at")[:PRESENCE_LISTED]
-    participants = [{"user": p.user.get_username(), "role": p.role, "client": p.client_kind} for p in first]
-    count = len(participants) if len(participants) < PRESENCE_LISTED else attached.count()
-    events.publish("session.presence", {"participants": participants, "count": count},
-                   environment_id=row["environment_id"], session_id=session_id)
+    attached = (Participation.objects.filter(session_id=session_id, left_at__isnull=True).select_related("user")
+                .order_by("joined_at")[:PRESENCE_LISTED])
+    participants = [{"user": p.user.get_username(), "role": p.role, "client": p.client_kind} for p in attached]
+    events.publish("session.presence", {"participants": participants}, environment_id=row["environment_id"],
+                   session_id=session_id)
 
 
 def record_event(session_id: Any, kind: str, user_id: int | None = None, **data: Any) -> None:
@@ -65,7 +71,8 @@ def join(session_id: Any, user: AbstractBaseUser, role: str, client_kind: str, r
         participation = Participation.objects.create(session_id=session_id, user=user, role=role,
                                                      client_kind=client_kind, remote_addr=remote_addr)
         record_event(session_id, AuditKind.JOIN, user.pk, role=role, client=client_kind, remote_addr=remote_addr)
-        _publish_presence(session_id)
+        if _listed(session_id, participation.joined_at):
+            _publish_presence(session_id)
     return participation
 
 
@@ -73,13 +80,14 @@ def leave(participation_id: int) -> None:
     """Mark a participation left, once. The row can vanish meanwhile (its user or session was
     deleted while the client was still attached): then there is nothing left to record."""
     row = (Participation.objects.filter(pk=participation_id, left_at__isnull=True)
-           .values("session_id", "user_id", "client_kind").first())
+           .values("session_id", "user_id", "client_kind", "joined_at").first())
     if row is None:
         return
     with transaction.atomic():
         if Participation.objects.filter(pk=participation_id, left_at__isnull=True).update(left_at=timezone.now()):
             record_event(row["session_id"], AuditKind.LEAVE, row["user_id"], client=row["client_kind"])
-            _publish_presence(row["session_id"])
+            if _listed(row["session_id"], row["joined_at"]):
+                _publish_presence(row["session_id"])
 
 
 def mark_ended(session_id: Any, reason: str, exit_code: int | None) -> bool:

@@ -22,7 +22,7 @@ from rest_framework.exceptions import ValidationError
 from environments import services, tasks, worker
 from environments.api import UsableTemplateField
 from environments.models import Environment, Role, Template, usable_templates
-from lsl_site import wake
+from lsl_site import dbpool, wake
 from tests.conftest import api_client
 
 
@@ -133,17 +133,17 @@ def test_a_team_environment_gives_its_team_the_member_role(people: Any, catalog:
 def test_refresh_connections_keeps_a_healthy_connection_and_drops_a_bad_one(monkeypatch: Any) -> None:
     Environment.objects.exists()
     first = connection.connection
-    worker.refresh_connections()
+    dbpool.refresh_connections()
     Environment.objects.exists()
     assert connection.connection is first, "a healthy connection is kept across rounds"
 
     connection.errors_occurred = True
-    worker.refresh_connections()
+    dbpool.refresh_connections()
     assert connection.connection is first and not connection.errors_occurred, "an error it survived: still kept"
 
     connection.errors_occurred = True
     monkeypatch.setattr(type(connections["default"]), "is_usable", lambda self: False)
-    worker.refresh_connections()
+    dbpool.refresh_connections()
     assert connection.connection is None, "an error it did not survive: closed"
     monkeypatch.undo()
 
@@ -151,7 +151,7 @@ def test_refresh_connections_keeps_a_healthy_connection_and_drops_a_bad_one(monk
     second = connection.connection
     assert second is not None and second is not first
     connection.set_autocommit(False)
-    worker.refresh_connections()
+    dbpool.refresh_connections()
     assert connection.connection is None, "left outside autocommit: closed"
     Environment.objects.exists()
     assert connection.get_autocommit()
