@@ -325,6 +325,12 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if handler is not None and not getattr(self, "exited", False):
             await handler(self, message)
 
+    @property
+    def backlog(self) -> int | None:
+        if self.paused_since is not None or self.awaiting_snapshot or self.expected_offset is None:
+            return None
+        return self.sent - self.acked
+
     async def on_stream_lost(self) -> None:
         """This process's subscription to the session's stream broke (Redis): output may be missing."""
         if not self.awaiting_snapshot and not self.kicked:

@@ -42,6 +42,10 @@ CHANNEL_PREFIX = "lsl:term:"
 class Tap(Protocol):
     channel_name: str
 
+    @property
+    def backlog(self) -> int | None:
+        """Bytes sent to this participant and not acknowledged yet (None: not receiving live output)."""
+
     async def on_stream(self, message: dict[str, Any]) -> None:
         """Deliver one message to this participant. Must not block (write and return)."""
 
@@ -91,6 +95,11 @@ def local_tap(channel_name: str) -> Tap | None:
 
 def local_count(session_id: str) -> int:
     return len(_taps.get(session_id, ()))
+
+
+def backlogs(session_id: str) -> list[int | None]:
+    """Each local participant's unacknowledged bytes (for the hub's pacing)."""
+    return [tap.backlog for tap in _taps.get(session_id, {}).values()]
 
 
 async def publish(session_id: str, message: dict[str, Any]) -> None:

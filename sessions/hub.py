@@ -42,14 +42,12 @@ log = logging.getLogger(__name__)
 # Django's thread-sensitive executor (where they would serialise with DB calls).
 DOCKER_EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lsl-docker")
 
-# After passing on a chunk of at least BATCH_FROM bytes, the reader waits
-# OUTPUT_BATCH before reading again. The engine hands over a flood in ~4 KiB
-# pieces; read as they come, that is thousands of channel messages a second, more
-# than consumers drain, so their queues fill and drop (each drop costs a participant
-# a resync). Waiting lets a flood gather into chunks of ~24 KiB (measured), a sixth
-# as many messages. Echoes and prompts are a few bytes: they never wait, so typing,
-# even back to back, keeps its latency. A flood of tiny writes still batches: while
-# the loop is busy, each read finds more than BATCH_FROM waiting.
+# After a read that brought at least BATCH_FROM bytes, the reader waits OUTPUT_BATCH (more with
+# many participants, below) before reading again. The keeper hands a flood over in pieces of a
+# few KiB; passed on as they come, that is thousands of websocket frames a second per participant.
+# Waiting lets a flood gather into chunks of tens of KiB. Echoes and prompts are a few bytes: they
+# never wait, so typing, even back to back, keeps its latency. A flood of tiny writes still
+# batches: while the loop is busy, each read finds more than BATCH_FROM waiting.
 OUTPUT_BATCH = 0.002
 BATCH_FROM = 1024
 # Every participant costs a websocket frame per chunk (a few tens of µs of Python each): with many
@@ -57,6 +55,9 @@ BATCH_FROM = 1024
 # frames per second stay about what a handful of participants cost. (Up to 20 ms: still smooth.)
 OUTPUT_BATCH_PER_PARTICIPANT = 0.0004
 OUTPUT_BATCH_MAX = 0.02
+PACE_BACKLOG = 1024 * 1024
+PACE_MAX_WAIT = 1.0
+PACE_POLL = 0.005
 RESIZE_DEBOUNCE = 0.1
 QUIET_FLUSH = 0.05
 HEARTBEAT = 2.0  # services.HUB_STALE_AFTER is three of these
@@ -164,10 +165,15 @@ class Hub:
                 if self.end_reason is None and not self.finished.is_set() and await self._reattach():
                     continue
                 break
+            before = self.offset
             for kind, payload in frames:
                 ended = await self._on_frame(kind, payload)
                 if ended:
                     break
+            # Once per read, not per piece: a wait per 256 KiB piece would cap a flood at piece/wait.
+            await asyncio.sleep(self._batch_delay() if self.offset - before >= BATCH_FROM else 0)
+            if self.offset - before >= BATCH_FROM:
+                await self._pace()
         if self.superseded:
             await self._stand_down()
         else:
@@ -188,7 +194,6 @@ class Hub:
             # `t`: when the keeper read it from the PTY, so the lag bound counts every queue on the way.
             await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": read_at or time.time()})
             self._schedule_quiet_flush()
-            await asyncio.sleep(self._batch_delay() if len(data) >= BATCH_FROM else 0)
         elif kind == b"X":
             self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
             return True
@@ -200,6 +205,19 @@ class Hub:
         elif kind == b"E":
             log.warning("session %s: keeper error: %s", self.session_id, payload.decode(errors="replace"))
         return False
+
+    async def _pace(self) -> None:
+        """The PTY goes at the pace of the fastest participant here: while every one of them holds
+        more than PACE_BACKLOG unacknowledged, reading waits (and the keeper's back-pressure slows
+        the shell), as a single terminal would. A participant slower than the others is not waited
+        for: it falls behind and is resynced (docs/protocol.md, flow control). Bounded by
+        PACE_MAX_WAIT, so participants who stop acking altogether cannot hold the PTY up."""
+        deadline = time.monotonic() + PACE_MAX_WAIT
+        while True:
+            backlogs = [b for b in fanout.backlogs(self.session_id) if b is not None]
+            if not backlogs or min(backlogs) <= PACE_BACKLOG or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(PACE_POLL)
 
     def _batch_delay(self) -> float:
         return min(OUTPUT_BATCH_MAX, OUTPUT_BATCH + OUTPUT_BATCH_PER_PARTICIPANT * len(self.members))

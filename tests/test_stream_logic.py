@@ -210,6 +210,8 @@ def test_output_lost_at_the_end_of_a_burst_is_noticed_at_the_quiet_mark() -> Non
 # --- fan-out (sessions/fanout.py) -----------------------------------------------------------
 
 class Tap:
+    backlog = None
+
     def __init__(self, name: str) -> None:
         self.channel_name, self.got, self.lost = name, [], 0
 
@@ -259,3 +261,46 @@ def test_a_relayed_message_from_this_process_is_not_delivered_twice() -> None:
 
     mine, theirs = asyncio.run(scenario())
     assert mine.got == [] and theirs.got == [{"type": "term.mark", "offset": 2}]
+
+
+def test_the_pty_waits_for_the_fastest_participant_only_and_never_for_long(monkeypatch: Any) -> None:
+    """hub._pace: reading waits while *every* local participant holds more than PACE_BACKLOG
+    unacknowledged; one that keeps up is enough to go on; nobody acking holds it PACE_MAX_WAIT at most."""
+    from sessions import hub as hubs
+
+    monkeypatch.setattr(hubs, "PACE_BACKLOG", 100)
+    monkeypatch.setattr(hubs, "PACE_MAX_WAIT", 3.0)
+    monkeypatch.setattr(hubs, "PACE_POLL", 0.01)
+
+    async def scenario() -> tuple[float, float, float]:
+        hub = object.__new__(hubs.Hub)
+        hub.session_id = "pace"
+        slow, fast, paused = Tap("slow"), Tap("fast"), Tap("paused")
+        for tap in (slow, fast, paused):
+            await fanout.join("pace", tap)
+        slow.backlog, fast.backlog, paused.backlog = 1000, 50, None
+        t0 = time.monotonic()
+        await hub._pace()  # the fast one keeps up: no wait, however far the slow one is behind
+        no_wait = time.monotonic() - t0
+        fast.backlog = 1000
+
+        async def catch_up() -> None:
+            await asyncio.sleep(0.1)
+            fast.backlog = 0
+
+        t0 = time.monotonic()
+        await asyncio.gather(hub._pace(), catch_up())
+        waited = time.monotonic() - t0
+        fast.backlog = 1000
+        monkeypatch.setattr(hubs, "PACE_MAX_WAIT", 0.3)
+        t0 = time.monotonic()
+        await hub._pace()  # nobody acks: bounded
+        bounded = time.monotonic() - t0
+        for tap in (slow, fast, paused):
+            fanout.leave("pace", tap)
+        return no_wait, waited, bounded
+
+    no_wait, waited, bounded = asyncio.run(scenario())
+    assert no_wait < 0.05
+    assert 0.08 < waited < 2.0, "waits until the fastest participant has caught up, not PACE_MAX_WAIT"
+    assert 0.28 < bounded < 2.0, "gives up after PACE_MAX_WAIT"
