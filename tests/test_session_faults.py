@@ -15,7 +15,10 @@ reaper), and the session keeper in a real container.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +281,50 @@ def test_a_killed_keeper_ends_its_sessions_with_a_reason_and_start_recovers(peop
     bob.send_input("echo back-$((6*7))\r")
     bob.wait_output(b"back-42")
     assert workspace_digest(cast.env.container_id) == digest
+
+
+def children(pid: int) -> list[tuple[int, str, str]]:
+    """(pid, state, command line) of each child of `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid:
+            found.append((int(entry.name), state, args))
+    return found
+
+
+def emulator_pids(daphne_pid: int) -> list[int]:
+    """The live node child of a daphne that runs its screen model (sessions/emulator.py)."""
+    return [pid for pid, state, args in children(daphne_pid) if "emulator.cjs" in args and state != "Z"]
+
+
+def test_a_killed_screen_model_is_rebuilt_and_late_joiners_still_see_the_screen(people: Any, make_env: Any,
+                                                                               live_server_proc: Any) -> None:
+    """kill -9 of the node process that holds the screen model (one per server process): output
+    keeps flowing (delivery never waited on it), the next snapshot comes from a new node rebuilt
+    from each terminal's kept tail, and no zombie is left."""
+    cast = Cast(people, make_env, live_server_proc)
+    session = cast.open_session()
+    alice = cast.join(session, "alice")
+    alice.send_input("printf '\\033[1;32m%s\\033[0m\\n' painted-$((6*7))\r")
+    alice.wait_output(b"painted-42")
+    [node] = emulator_pids(live_server_proc.proc.pid)
+
+    os.kill(node, signal.SIGKILL)
+    alice.send_input("echo still-$((6*7))\r")
+    alice.wait_output(b"still-42")  # the live stream does not depend on the screen model
+
+    bob = cast.join(session, "bob")  # a late joiner: his screen is a snapshot
+    bob.wait(lambda c: any("painted-42" in line for line in c.text()) and any("still-42" in line for line in c.text()),
+             what="the late joiner's screen shows what was printed before and after the kill")
+    painted = next(y for y, line in enumerate(bob.text()) if "painted-42" in line)
+    assert bob.screen.buffer[painted][0].fg == "green" and bob.screen.buffer[painted][0].bold, "colours survive the rebuild"
+    wait_until(lambda: len(emulator_pids(live_server_proc.proc.pid)) == 1 and node not in emulator_pids(live_server_proc.proc.pid),
+               10, "one new screen-model process")
+    assert not [c for c in children(live_server_proc.proc.pid) if c[1] == "Z"], "no zombie left"
