@@ -215,6 +215,7 @@ class _Request:
     offset: int
     cols: int
     rows: int
+    scrollback: int = 0
     attempts: int = 0
     sent_to: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -317,11 +318,12 @@ class Emulator:
         if self._proc is not None:  # a node that is not running has nothing to free
             self._send(_CLOSE, term.wire_key)
 
-    async def snapshot(self, key: str) -> bytes:
+    async def snapshot(self, key: str, *, scrollback: int | None = None) -> bytes:
         """Escape sequences redrawing the terminal on a freshly reset one (they start with RIS).
 
         They reproduce the screen after every byte fed before this call: scrollback (the last
-        LSL_SESSION_SNAPSHOT_SCROLLBACK lines), colours, the cursor (position, visibility,
+        `scrollback` lines, at most and by default LSL_SESSION_SNAPSHOT_SCROLLBACK), colours,
+        the cursor (position, visibility,
         style), SGR, the alternate screen with the main one saved under it, scroll regions,
         saved cursors, line-drawing charsets and the modes that change what keys, paste and
         the mouse send.
@@ -330,7 +332,8 @@ class Emulator:
         if term is None:
             raise KeyError(key)
         loop = self._bind_loop()
-        request = _Request(self._next_id, key, loop.create_future(), term.fed, term.cols, term.rows)
+        request = _Request(self._next_id, key, loop.create_future(), term.fed, term.cols, term.rows,
+                           scrollback=self.scrollback if scrollback is None else max(0, scrollback))
         self._next_id += 1
         self._requests[request.id] = request
         try:
@@ -582,7 +585,7 @@ class Emulator:
         term = self._terminals[request.key]
         request.attempts += 1
         request.sent_to = self._proc
-        self._send(_SNAPSHOT, term.wire_key, _ID.pack(request.id))
+        self._send(_SNAPSHOT, term.wire_key, _ID.pack(request.id) + _ID.pack(request.scrollback))
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -103,7 +103,7 @@ class Hub:
         # The screen model lives in the process's emulator (xterm.js in a node child process): the
         # hub only hands it each chunk, in order, so it never competes with delivery here.
         self.emulator = get_emulator()
-        self._snapshot: tuple[tuple[int, int, int], "asyncio.Future[bytes]"] | None = None
+        self._snapshot: tuple[tuple[int, int, int, bool], "asyncio.Future[bytes]"] | None = None
         self.recorder = Recorder(self.session_id, self.cols, self.rows, title=session.environment_name,
                                  started_at=session.created_at.timestamp())
         self.members: dict[str, Member] = {}
@@ -378,7 +378,7 @@ class Hub:
         if self._idle_task is not None:
             self._idle_task.cancel()
             self._idle_task = None
-        await self._send_snapshot(member.channel)
+        self._snapshot_soon(member.channel, joining=True)
         self._presence_soon()
         self._schedule_resize()
 
@@ -419,16 +419,22 @@ class Hub:
             self._schedule_resize()
 
     async def _on_snapshot(self, message: dict[str, Any]) -> None:
-        await self._send_snapshot(message["channel"])
+        self._snapshot_soon(message["channel"], joining=False)
 
     async def _on_terminate(self, message: dict[str, Any]) -> None:
         await self.terminate(message.get("reason") or EndReason.ENDED)
 
     # --- outputs --------------------------------------------------------------------
 
-    async def _send_snapshot(self, channel: str) -> None:
+    def _snapshot_soon(self, channel: str, *, joining: bool) -> None:
+        """In a task of its own: the request may come from inside a delivery (a participant resyncing
+        as output reaches it), and the output must not wait for the screen model."""
+        self.tasks.append(asyncio.create_task(self._send_snapshot(channel, joining=joining)))
+        self.tasks[:] = [t for t in self.tasks if not t.done()]
+
+    async def _send_snapshot(self, channel: str, *, joining: bool) -> None:
         try:
-            offset, data = await self._current_snapshot()
+            offset, data = await self._current_snapshot(scrollback=joining)
         except (EmulatorUnavailable, KeyError) as exc:
             # The participant asks again after SNAPSHOT_RETRY; the emulator restarts meanwhile.
             log.error("session %s: no snapshot for %s: %s", self.session_id, channel, exc)
@@ -445,17 +451,19 @@ class Hub:
             # again if no snapshot arrives (see TerminalConsumer.SNAPSHOT_RETRY).
             log.warning("session %s: snapshot for %s dropped, its channel is full", self.session_id, channel)
 
-    async def _current_snapshot(self) -> tuple[int, bytes]:
+    async def _current_snapshot(self, *, scrollback: bool) -> tuple[int, bytes]:
         """The screen at the current offset. Participants joining together (a class of 500 opening
-        the same session) share one: it is rendered once per offset and size, not once per joiner."""
-        key = (self.offset, self.cols, self.rows)
+        the same session) share one: it is rendered once per offset and size, not once per joiner.
+        A joiner's carries scrollback to scroll up in; a resync's does not (it would pile the same
+        lines up again in a real terminal's own scrollback, `lsl shell`'s)."""
+        key = (self.offset, self.cols, self.rows, scrollback)
         if self._snapshot is not None and self._snapshot[0] == key:
             return key[0], await asyncio.shield(self._snapshot[1])
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._snapshot = (key, future)
         try:
             # Awaited here, not in a task: the request is pinned now, at exactly the bytes fed up to key[0].
-            data = await self.emulator.snapshot(self.session_id)
+            data = await self.emulator.snapshot(self.session_id, scrollback=None if scrollback else 0)
         except asyncio.CancelledError:
             self._snapshot = None
             future.cancel()

@@ -145,6 +145,27 @@ def test_plain_text_and_colours() -> None:
     assert shown.buffer[4][2].fg == "green"
 
 
+def test_a_joiner_gets_scrollback_and_a_resync_need_not() -> None:
+    """Lines scrolled off the top come with a snapshot (up to LSL_SESSION_SNAPSHOT_SCROLLBACK, or
+    fewer when asked): a late joiner can scroll up; a resync, drawn again in a real terminal,
+    would only pile them up in its own scrollback."""
+    lines = b"".join(b"line-%03d\r\n" % i for i in range(100))
+
+    async def body(emulator: Any) -> tuple[bytes, bytes, bytes]:
+        emulator.open("s", 80, 24)
+        emulator.feed("s", lines)
+        return (await emulator.snapshot("s"), await emulator.snapshot("s", scrollback=0),
+                await emulator.snapshot("s", scrollback=10))
+
+    full, bare, some = run(body, scrollback=50)
+    # The screen shows line-077 .. line-099 and the empty line the cursor is on.
+    assert b"line-027" in full and b"line-026" not in full, "the last 50 lines above the screen, no more"
+    assert b"line-077" in bare and b"line-076" not in bare, "only the screen"
+    assert b"line-067" in some and b"line-066" not in some
+    for snapshot in (full, bare, some):
+        assert_same(render(snapshot), reference([lines]))
+
+
 def test_utf8_split_across_feeds_and_wide_characters() -> None:
     text = "中文 wide: 日本語テキスト, accents: é ü ß\r\n".encode() + b"x" * 78 + "漢".encode() + b"\r\n$ "
     garbage = b"\xff\xfe\xc3 broken\r\x1b[K"  # invalid UTF-8, then the line is erased

@@ -16,7 +16,7 @@
 //   "D" data      payload: output bytes, any bytes (UTF-8 split across frames is fine)
 //   "R" resize    payload: u16 cols, u16 rows
 //   "C" close     no payload
-//   "S" snapshot  payload: u32 request id
+//   "S" snapshot  payload: u32 request id [, u32 lines of scrollback (default: --scrollback)]
 // node -> Python:
 //   "S" snapshot  payload: u32 request id, then the snapshot's bytes (UTF-8)
 //   "X" failure   payload: u32 request id, then a message (UTF-8)
@@ -190,7 +190,7 @@ class Session {
     } else if (op.t === "s") {
       let out;
       try {
-        out = this.snapshot();
+        out = this.snapshot(op.scrollback);
       } catch (err) {
         log(`terminal ${this.key}: snapshot failed: ${err && err.stack}`);
         fail(this.key, op.id, String(err && err.message));
@@ -235,13 +235,13 @@ class Session {
   // as on the live terminal), the cursor, its style and visibility, SGR, scroll regions, saved
   // cursors, charsets and the modes that change what keys and the mouse send. SerializeAddon
   // draws the buffers and the cursor; the rest it does not restore, so it is added here.
-  snapshot() {
+  snapshot(scrollback = SCROLLBACK) {
     const term = this.term;
     const core = term._core; // the addon reads internals too (_inputHandler._curAttrData)
     const normal = core.buffers.normal;
     const alt = core.buffers.alt;
     const inAlt = core.buffers.active === alt;
-    const serialized = this.serializer.serialize({ scrollback: SCROLLBACK, excludeModes: true });
+    const serialized = this.serializer.serialize({ scrollback, excludeModes: true });
     let normalPart = serialized;
     let altPart = "";
     if (inAlt) {
@@ -366,7 +366,8 @@ function dispatch(type, key, payload) {
       break;
     case "S": {
       const id = payload.readUInt32BE(0);
-      if (session) session.barrier({ t: "s", id });
+      const scrollback = payload.length >= 8 ? Math.min(payload.readUInt32BE(4), SCROLLBACK) : SCROLLBACK;
+      if (session) session.barrier({ t: "s", id, scrollback });
       else fail(key, id, "no such terminal");
       break;
     }
