@@ -705,8 +705,11 @@ class Emulator:
             lines.append(rest)
             rest = b""
         for line in lines:
-            if line.strip():
-                log.warning("node: %s", line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            if text.startswith("info: "):  # what emulator.js expects to happen (a flood skipped)
+                log.info("node: %s", text[6:])
+            elif text:
+                log.warning("node: %s", text)
         self._err = bytearray(rest)
 
 

@@ -349,7 +349,7 @@ def test_two_keys_are_independent_and_close_frees() -> None:
 
 
 def test_flood_is_bounded_and_the_snapshot_shows_its_end(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="sessions.emulator")
+    caplog.set_level(logging.INFO, logger="sessions.emulator")
     chunk = b"y\r\n" * (64 * 1024 // 3)
     total = 30 * 1024 * 1024
     ending = b"".join(f"last line {i}\r\n".encode() for i in range(5)) + b"$ "

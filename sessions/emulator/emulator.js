@@ -26,12 +26,13 @@
 // cheap and prompt); a resize or snapshot waits until all data before it has been parsed.
 //
 // Flow control: xterm.js throws "write data discarded" past 50 MB of unparsed writes, so at most
-// MAX_INFLIGHT bytes are handed to it at a time; the rest waits in the terminal's own queue. When
-// more than --backlog bytes wait (a flood faster than parsing), or more than SNAPSHOT_QUEUE when a
-// snapshot is asked for, the head of the queue is dropped except its sticky state (see compact());
-// snapshots are then approximate -- the only inexact case. node runs at the lowest CPU priority
-// (nice 19): with a core to spare it keeps up and this never happens; on a busy machine,
-// delivering output to participants wins and the screen model skips ahead.
+// MAX_INFLIGHT bytes are handed to it at a time; the rest waits in the terminal's own queue.
+// Output is parsed in batches DEFER_MS apart; the head of the queue is dropped except its sticky
+// state (see compact()) when a batch is a flood (over BATCH_BUDGET, about 1 MiB/s), when more than
+// --backlog bytes wait (node, at the lowest CPU priority, starved by a busy machine), or more than
+// SNAPSHOT_QUEUE when a snapshot is asked for (a joiner must not wait). Snapshots are then
+// approximate -- the only inexact case: delivering output to participants wins the CPU over
+// following a flood byte by byte.
 
 import { Terminal } from "@xterm/headless";
 import { SerializeAddon } from "@xterm/addon-serialize";
@@ -43,6 +44,13 @@ const MAX_INFLIGHT = 512 * 1024; // handed to xterm.js but not yet parsed: keeps
 // priority, so on a busy machine it may be far behind: past this many queued bytes, the queue is
 // compacted (see compact()) before a snapshot, so that a joiner never waits long for its screen.
 const SNAPSHOT_QUEUE = 1024 * 1024;
+// Output is parsed in batches, DEFER_MS after the first byte of a batch arrived (or at once when
+// a snapshot or resize needs it). A batch larger than BATCH_BUDGET -- output faster than about
+// 1 MiB/s, a flood -- is compacted to its tail first (see compact()): following a flood byte by
+// byte would cost the machine up to a core (xterm.js: ~60 ms of CPU per MiB of short lines) for a
+// screen nobody is looking at yet. Anything slower (typing, builds, logs) is followed exactly.
+const DEFER_MS = 250;
+const BATCH_BUDGET = 256 * 1024;
 
 function option(name, fallback) {
   const prefix = `--${name}=`;
@@ -60,6 +68,11 @@ const BACKLOG = Math.max(option("backlog", 4 * 1024 * 1024), 64 * 1024);
 
 function log(message) {
   process.stderr.write(`emulator: ${message}\n`);
+}
+
+// Not a problem, worth a line in the log: the Python side logs these at INFO, the rest at WARNING.
+function info(message) {
+  process.stderr.write(`info: emulator: ${message}\n`);
 }
 
 // --- sticky state: what a dropped head of output leaves behind ------------------------------
@@ -129,6 +142,9 @@ class Session {
     this.closed = false;
     this.warned = false;
     this.pumping = false;
+    this.dueBytes = 0; // queued bytes whose batch is due: parse them now
+    this.barriers = 0; // resizes and snapshots waiting in ops
+    this.timer = null;
   }
 
   data(buf) {
@@ -141,17 +157,28 @@ class Session {
     }
     this.queued += buf.length;
     if (this.queued > BACKLOG) this.compact(BACKLOG >> 1);
+    if (this.timer === null) {
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        if (this.closed) return;
+        if (this.queued - this.dueBytes > BATCH_BUDGET) this.compact(BATCH_BUDGET);
+        this.dueBytes = this.queued;
+        this.pump();
+      }, DEFER_MS);
+    }
     this.pump();
   }
 
   barrier(op) {
     this.ops.push(op);
+    this.barriers += 1;
     if (op.t === "s" && this.queued > SNAPSHOT_QUEUE) this.compact(SNAPSHOT_QUEUE >> 1);
     this.pump();
   }
 
   close() {
     this.closed = true;
+    if (this.timer !== null) clearTimeout(this.timer);
     for (const op of this.ops) if (op.t === "s") fail(this.key, op.id, "terminal closed");
     this.ops = [];
     this.term.dispose();
@@ -165,9 +192,11 @@ class Session {
         const op = this.ops[0];
         if (op.t === "d") {
           if (this.inflight >= MAX_INFLIGHT) return;
+          if (this.dueBytes <= 0 && this.barriers === 0) return; // deferred: its batch is not due
           const piece = take(op, WRITE_CHUNK);
           if (op.n === 0) this.ops.shift();
           this.queued -= piece.length;
+          this.dueBytes = Math.max(0, this.dueBytes - piece.length);
           this.inflight += piece.length;
           this.term.write(piece, () => {
             this.inflight -= piece.length;
@@ -176,6 +205,7 @@ class Session {
         } else {
           if (this.inflight > 0) return; // barrier: everything before it must be parsed first
           this.ops.shift();
+          this.barriers -= 1;
           this.run(op);
         }
       }
@@ -224,9 +254,9 @@ class Session {
       if (this.queued <= target) break;
     }
     if (dropped > 0 && !this.warned) {
-      this.warned = true;
-      log(`terminal ${this.key}: output arrives faster than it is parsed; dropped ${dropped} bytes of ` +
-          `backlog (over ${this.queued > SNAPSHOT_QUEUE ? BACKLOG : SNAPSHOT_QUEUE} bytes), its snapshots may be approximate from now on`);
+      this.warned = true; // once per terminal: floods are expected, this is not an error
+      info(`terminal ${this.key}: a flood (more than ${target} bytes waiting to be parsed): ` +
+          `skipped ${dropped} bytes but their sticky state; its snapshots may be approximate from now on`);
     }
   }
 
