@@ -10,12 +10,14 @@ stream drew it: the same parser built it.
 
 Exactness: a snapshot reflects every byte fed (and every resize) before `snapshot()` started
 and none after -- the request is queued when the coroutine first runs, so `await
-emulator.snapshot(key)` pins it at the call. The only inexact case in normal operation: node
-runs at the lowest CPU priority, so that on a busy machine delivering output wins the cores;
-when it falls behind by more than LSL_EMULATOR_BACKLOG bytes for one terminal (or by more than
-1 MiB when a snapshot is asked for, so a joiner never waits long), it drops the head of that
-backlog except its sticky state (private modes, SGR, scroll region) and logs once that
-snapshots may be approximate; they then show the flood's last screenfuls. (Never in a snapshot: the window title, tab stops, OSC 8 hyperlinks, underline
+emulator.snapshot(key)` pins it at the call. The only inexact case in normal operation is a
+flood: node parses output in batches 250 ms apart and, when a batch is over 256 KiB (output
+faster than about 1 MiB/s), or more than LSL_EMULATOR_BACKLOG bytes wait (node runs at the
+lowest CPU priority, so on a busy machine delivering output wins the cores), or more than 1 MiB
+waits when a snapshot is asked for (a joiner never waits long), it drops the head of that
+backlog except its sticky state (private modes, SGR, scroll region) and logs once that snapshots
+may be approximate; they then show the flood's last screenfuls. Following a flood byte by byte
+would cost up to a core (xterm.js: ~60 ms of CPU per MiB of short lines). (Never in a snapshot: the window title, tab stops, OSC 8 hyperlinks, underline
 styles and colours, the attributes saved with the cursor -- SerializeAddon does not write them.)
 
 Node dying is survivable: each terminal keeps the last LSL_KEEPER_RING bytes it was fed (and the
