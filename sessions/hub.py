@@ -32,8 +32,8 @@ from environments import keeper, runtime
 from environments.services import shell_session_identity
 from lsl_site import dbpool, events
 from sessions import fanout, services
-from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.emulator import EmulatorUnavailable, get_emulator
+from sessions.models import AuditKind, EndReason, TerminalSession
 from sessions.recording import Recorder
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ PACE_BACKLOG = 1024 * 1024
 PACE_MAX_WAIT = 1.0
 PACE_POLL = 0.005
 RESIZE_DEBOUNCE = 0.1
-QUIET_FLUSH = 0.05
+QUIET_MARK = 0.05
 HEARTBEAT = 2.0  # services.HUB_STALE_AFTER is three of these
 TYPING_PRESENCE_EVERY = 1.0
 PRESENCE_DEBOUNCE = 0.05
@@ -120,7 +120,7 @@ class Hub:
         self._last_typing_presence = 0.0
         self._resize_task: asyncio.Task[Any] | None = None
         self._idle_task: asyncio.Task[Any] | None = None
-        self._flush_handle: asyncio.TimerHandle | None = None
+        self._mark_handle: asyncio.TimerHandle | None = None
         self._pending_input: dict[int, bytearray] = {}
         self._bus: events.EventBus | None = None
         self._bus_key: int | None = None
@@ -170,10 +170,12 @@ class Hub:
                 ended = await self._on_frame(kind, payload)
                 if ended:
                     break
-            # Once per read, not per piece: a wait per 256 KiB piece would cap a flood at piece/wait.
-            await asyncio.sleep(self._batch_delay() if self.offset - before >= BATCH_FROM else 0)
             if self.offset - before >= BATCH_FROM:
+                # Once per read, not per piece: a wait per 256 KiB piece would cap a flood at piece/wait.
+                await asyncio.sleep(self._batch_delay())
                 await self._pace()
+            else:
+                await asyncio.sleep(0)
         if self.superseded:
             await self._stand_down()
         else:
@@ -193,7 +195,7 @@ class Hub:
                 self.recorder.output(data[max(0, self.record_from - start):])
             # `t`: when the keeper read it from the PTY, so the lag bound counts every queue on the way.
             await self._broadcast({"type": "term.output", "offset": start, "data": data, "t": read_at or time.time()})
-            self._schedule_quiet_flush()
+            self._schedule_mark()
         elif kind == b"X":
             self.exit_code = int.from_bytes(payload[:4], "big", signed=True)
             return True
@@ -246,18 +248,18 @@ class Hub:
                 log.info("session %s: attaching again failed: %s", self.session_id, exc)
         return False
 
-    def _schedule_quiet_flush(self) -> None:
+    def _schedule_mark(self) -> None:
         """Once output goes quiet, tell everyone where the stream is: a participant whose last chunks
         were lost on the way (a Redis hiccup, a full channel) learns it here, not at the next output."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        if self._mark_handle is not None:
+            self._mark_handle.cancel()
         loop = asyncio.get_running_loop()
 
         def mark() -> None:
             self.tasks.append(asyncio.create_task(self._broadcast({"type": "term.mark", "offset": self.offset})))
             self.tasks[:] = [t for t in self.tasks if not t.done()]
 
-        self._flush_handle = loop.call_later(QUIET_FLUSH, mark)
+        self._mark_handle = loop.call_later(QUIET_MARK, mark)
 
     async def _on_pty_closed(self) -> None:
         code = self.exit_code
