@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -28,6 +29,42 @@ QUEUE_MAX = 2000
 CATCH_UP_MAX = 2000
 # Events that may change what this user can see: recompute the visible set when one concerns them.
 VISIBILITY_KINDS = {"access.changed", "team.changed", "environment.created"}
+
+
+MAX_TEXT_FRAME = 64 * 1024  # bytes of UTF-8: client messages are a few dozen
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e309
+        raise ValueError("number out of range")
+    return value
+
+
+def parse_client_message(text_data: str | None) -> tuple[dict[str, Any] | None, str]:
+    """A client's text frame as a JSON object with a string `type`, or (None, why not).
+
+    Hostile input is an answer, never an exception: binary or oversized frames, Infinity/NaN
+    (and numbers that overflow to them), nesting deep enough to exhaust the stack, and values
+    that are not objects. Shared by the event stream and the terminal consumer.
+    """
+    if text_data is None:
+        return None, "expected a text frame holding a JSON object"
+    if len(text_data) > MAX_TEXT_FRAME // 4 and len(text_data.encode("utf-8", "surrogatepass")) > MAX_TEXT_FRAME:
+        return None, f"text frames are limited to {MAX_TEXT_FRAME} bytes"
+    try:
+        message = json.loads(text_data, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError as exc:  # json.JSONDecodeError, Infinity/NaN, huge floats, ints past Python's digit limit
+        return None, f"invalid JSON: {str(exc)[:200]}"
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return None, "text frames must be JSON objects with a string 'type'"
+    return message, ""
 
 
 @database_sync_to_async
@@ -88,16 +125,18 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             sender.cancel()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        try:
-            message = json.loads(text_data or "")
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError):
-            await self._send_json({"type": "error", "code": "bad_message", "detail": "text frames must be JSON objects with a 'type'"})
+        message, problem = parse_client_message(text_data)
+        if message is None:
+            await self._send_json({"type": "error", "code": "bad_message", "detail": problem})
             return
+        kind = message["type"]
         if kind == "ping":
-            await self._send_json({"type": "pong", "t": message.get("t")})
+            try:
+                await self._send_json({"type": "pong", "t": message.get("t")})
+            except (RecursionError, ValueError):
+                await self._send_json({"type": "error", "code": "bad_message", "detail": "ping.t cannot be echoed"})
         else:
-            await self._send_json({"type": "error", "code": "bad_message", "detail": f"unknown message type {kind!r}"})
+            await self._send_json({"type": "error", "code": "bad_message", "detail": f"unknown message type {kind[:64]!r}"})
 
     # --- bus → client ------------------------------------------------------------------------
 

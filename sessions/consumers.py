@@ -22,6 +22,7 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from environments.consumers import parse_client_message
 from environments.models import Environment, Role
 from environments.permissions import role_for
 from lsl_site import dbpool, events
@@ -81,11 +82,28 @@ async def graceful_shutdown() -> None:
 
 
 def _size(value: Any, default: int | None = None) -> int | None:
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
+    """A terminal dimension (1-1000) from a query parameter (a string of digits) or a JSON number (an
+    int, or a float with an integral value); anything else is `default`: bools, fractions, inf/nan,
+    numbers out of range (however large), other types."""
+    if isinstance(value, bool):
         return default
-    return size if 1 <= size <= 1000 else default
+    if isinstance(value, str):
+        value = value.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            return default
+        value = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():  # also False for inf and nan
+            return default
+        value = int(value)
+    elif not isinstance(value, int):
+        return default
+    return value if 1 <= value <= 1000 else default
+
+
+def _json_size(value: Any) -> int | None:
+    """A size in a client's JSON message: a JSON number only (`"80"` is a string, not a size)."""
+    return None if isinstance(value, str) else _size(value)
 
 
 def _load(session_id: str, user: Any) -> tuple[TerminalSession | None, Role | None]:
@@ -274,24 +292,31 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         if bytes_data is not None:
             await self._on_input(bytes_data)
             return
-        try:
-            message = json.loads(text_data or "")
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError):
-            await self._error("bad_message", "text frames must be JSON objects with a 'type'")
+        # Anything a client can put in a text frame gets an answer, never a traceback (docs/protocol.md §2).
+        message, problem = parse_client_message(text_data)
+        if message is None:
+            await self._error("bad_message", problem)
             return
+        kind = message["type"]
         if kind == "resize":
-            cols, rows = _size(message.get("cols")), _size(message.get("rows"))
+            cols, rows = _json_size(message.get("cols")), _json_size(message.get("rows"))
             if cols is None or rows is None:
                 await self._error("bad_message", "resize needs integer cols and rows between 1 and 1000")
                 return
             await self._to_hub("hub.resize", cols=cols, rows=rows)
         elif kind == "ack":
-            await self._on_ack(message.get("bytes"))
+            value = message.get("bytes")
+            if isinstance(value, bool):  # an int to Python, not a byte count
+                await self._error("bad_message", "ack.bytes must be an integer no larger than the bytes sent")
+                return
+            await self._on_ack(value)
         elif kind == "ping":
-            await self._send_json({"type": "pong", "t": message.get("t")})
+            try:
+                await self._send_json({"type": "pong", "t": message.get("t")})
+            except (RecursionError, ValueError):  # nested just short of the parser's limit
+                await self._error("bad_message", "ping.t cannot be echoed")
         else:
-            await self._error("bad_message", f"unknown message type {kind!r}")
+            await self._error("bad_message", f"unknown message type {kind[:64]!r}")
 
     async def _on_input(self, data: bytes) -> None:
         if not self.can_write:

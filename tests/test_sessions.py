@@ -103,7 +103,8 @@ def test_outsider_and_foreign_origin_are_refused(cast: Cast) -> None:
     with pytest.raises(InvalidStatus) as foreign:
         TermClient(session["ws_url"], cookie=cookie, origin="http://evil.example.com")
     assert foreign.value.response.status_code == 403
-    ok = TermClient(session["ws_url"], cookie=cookie, origin="http://127.0.0.1")
+    # The page's own origin: scheme, host and port (tests/test_hostile_websockets.py tries the others).
+    ok = TermClient(session["ws_url"], cookie=cookie, origin=cast.server.url)
     ok.wait_event("hello")
     ok.close()
     login.close()
