@@ -93,9 +93,7 @@ class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
 
     def perform_create(self, serializer: Any) -> None:
         data = serializer.validated_data
-        from django.utils.text import slugify
-
-        slug = data.get("slug") or slugify(data["name"])
+        slug = services.team_slug(data["name"], data.get("slug"))
         if Team.objects.filter(slug=slug).exists() or Team.objects.filter(name=data["name"]).exists():
             raise serializers.ValidationError({"slug": [f"a team named {slug!r} already exists"]})
         serializer.instance = services.create_team(data["name"], owner=self.request.user, slug=slug)

@@ -13,7 +13,7 @@ from django.utils.text import slugify
 from accounts.models import APIToken, Client, Membership, Team, TeamRole
 from accounts.tokens import generate_key
 from lsl_site import events
-from lsl_site.errors import DomainError
+from lsl_site.errors import DomainError, InvalidInput
 
 
 class LastOwner(DomainError):
@@ -35,9 +35,19 @@ def _refuse_losing_last_owner(team: Team, user: AbstractBaseUser) -> None:
         raise LastOwner(f"{user.get_username()} is the last owner of {team.name}; make someone else owner first")
 
 
+def team_slug(name: str, slug: str | None = None) -> str:
+    """`slug`, or the one derived from `name`; refused (InvalidInput on `name`) when the name has nothing
+    to derive one from ("!!!", "---", only emoji): an empty slug names no team in a URL."""
+    slug = slug or slugify(name)
+    if not slug:
+        raise InvalidInput({"name": ["the name must contain at least one letter or digit (a-z, 0-9) to make the "
+                                     "team's slug from; or give a slug"]})
+    return slug
+
+
 @transaction.atomic
 def create_team(name: str, *, owner: AbstractBaseUser | None = None, slug: str | None = None) -> Team:
-    slug = slug or slugify(name)
+    slug = team_slug(name, slug)
     group = Group.objects.create(name=f"team:{slug}")
     team = Team.objects.create(name=name, slug=slug, group=group)
     if owner is not None:

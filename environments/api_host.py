@@ -7,6 +7,7 @@ Environment-scoped views find the environment among those the caller may view
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -15,10 +16,12 @@ from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.fields import empty
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from accounts.models import Membership, Team, TeamRole
@@ -178,10 +181,20 @@ class YamlTextParser(BaseParser):
             raise ParseError("the environment file is not valid UTF-8") from None
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
 class FromYamlSerializer(serializers.Serializer):
     yaml = serializers.CharField(trim_whitespace=False, max_length=1024 * 1024)
     name = serializers.SlugField(max_length=63, required=False)
     filename = serializers.CharField(required=False, max_length=255)
+
+    def run_validation(self, data: Any = empty) -> Any:
+        if data is not empty and not isinstance(data, Mapping):  # a JSON body of `[]`, `"x"`, `3`, `null`...
+            kind = _JSON_KINDS.get(type(data), type(data).__name__)
+            raise serializers.ValidationError({api_settings.NON_FIELD_ERRORS_KEY: [
+                f'the body must be a JSON object {{"yaml": ..., "name"?, "filename"?}} or a raw YAML document, not {kind}']})
+        return super().run_validation(data)
 
 
 class FromYamlView(APIView):
@@ -192,7 +205,10 @@ class FromYamlView(APIView):
     def post(self, request: Request) -> Response:
         """Create an environment from an environment file: a raw YAML body, or JSON {"yaml", "name"?, "filename"?}.
         Problems come back as {"yaml": ["FILE:LINE:COL: path: message", ...]}."""
-        serializer = FromYamlSerializer(data={**request.data, **({"name": request.query_params["name"]} if "name" in request.query_params else {})})
+        data = request.data
+        if isinstance(data, Mapping) and "name" in request.query_params:
+            data = {**data, "name": request.query_params["name"]}
+        serializer = FromYamlSerializer(data=data)  # a body that is not an object: the serializer's 400
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         env = envfile.create_from_yaml(request.user, data["yaml"], name=data.get("name"),

@@ -50,7 +50,14 @@ def parse_mount(spec: str) -> dict[str, Any]:
     return {"source": parts[0], "target": parts[1], "read_only": mode == "ro"}
 
 
+def _refuse_nul(value: str, what: str) -> None:
+    """A NUL byte cannot be in a path (the OS refuses it: a ValueError, not an OSError) nor in a JSON column."""
+    if "\x00" in value:
+        raise MountError(f"{what} {value!r}: NUL bytes are not allowed")
+
+
 def _validate_target(target: str) -> str:
+    _refuse_nul(target, "target")
     if not os.path.isabs(target) or ".." in Path(target).parts:
         raise MountError(f"{target!r}: container path must be absolute, without '..'")
     normalized_target = os.path.normpath(target)
@@ -67,6 +74,7 @@ def validate_mount(mount: dict[str, Any], *, may_create: bool = False) -> dict[s
     `create: true`); the result then says `create: true` and the action creates it.
     """
     source, target = str(mount.get("source", "")), str(mount.get("target", ""))
+    _refuse_nul(source, "source")
     if not os.path.isabs(source):
         raise MountError(f"{source!r}: host path must be absolute")
     if ".." in Path(source).parts:
@@ -92,6 +100,7 @@ def validate_mount(mount: dict[str, Any], *, may_create: bool = False) -> dict[s
 def validate_volume_mount(mount: dict[str, Any], *, owner: AbstractBaseUser, team: Team | None) -> dict[str, Any]:
     """A team volume may only go into an environment of its team, created by a member of that team."""
     name = str(mount.get("volume", ""))
+    _refuse_nul(name, "volume")
     normalized_target = _validate_target(str(mount.get("target", "")))
     if team is None:
         raise MountError(f"volume {name!r}: team volumes can only be mounted into a team environment (set its team)")

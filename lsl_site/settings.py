@@ -159,7 +159,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "lsl_site.pagination.Pagination",  # limit/offset, at most 200 a page
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_CLASSES": [
         "lsl_site.throttling.AnonRateThrottle",  # fail open when Redis is down

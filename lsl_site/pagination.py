@@ -1,0 +1,19 @@
+"""The API's pagination: DRF's limit/offset, with a page size cap and offsets a database can take."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.pagination import LimitOffsetPagination
+
+
+class Pagination(LimitOffsetPagination):
+    """`?limit=` above `max_limit` is clamped to it (so it never reaches SQL as an out-of-range integer);
+    a negative, zero or non-numeric one means the default page size. `?offset=` is clamped below
+    int64: nothing lies that far, and a bigger integer would overflow the database's."""
+
+    max_limit = 200
+    max_offset = 2**62
+
+    def get_offset(self, request: Any) -> int:
+        return min(super().get_offset(request), self.max_offset)
