@@ -21,6 +21,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev &
 COPY environments/keeper/keeper.c scripts/build_keeper.sh /src/
 RUN gcc -static -O2 -Wall -Wextra -Werror -o /src/lsl-keeper /src/keeper.c && strip /src/lsl-keeper
 
+# --- the documentation website (served at /docs/), built --strict as in CI ------------
+FROM python:3.11-slim AS docs
+WORKDIR /src
+COPY requirements-dev.txt ./
+RUN pip install --no-cache-dir "$(grep -E '^mkdocs==' requirements-dev.txt | cut -d' ' -f1)"
+COPY mkdocs.yml ./
+COPY docs ./docs
+COPY docs_theme ./docs_theme
+RUN mkdocs build --strict
+
 # --- application source, without local build/dev leftovers ----------------------
 # Only what the server needs is copied (so the local .venv, var/ with its
 # secret key and SQLite DB, .git, node_modules never reach the image).
@@ -53,6 +63,7 @@ COPY --from=assets /src/frontend/static/frontend/dist /app/frontend/static/front
 COPY --from=assets /usr/local/bin/node /usr/local/bin/node
 COPY --from=assets /src/sessions/emulator/dist /app/sessions/emulator/dist
 COPY --from=keeper /src/lsl-keeper /app/environments/keeper/lsl-keeper
+COPY --from=docs /src/site /app/site
 # var/: generated secret key (unless LSL_SECRET_KEY is set), SQLite fallback DB.
 RUN mkdir -p /var/lib/lsl
 VOLUME /var/lib/lsl

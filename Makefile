@@ -16,7 +16,7 @@ PORT ?= 8000
 
 KEEPER := environments/keeper/lsl-keeper
 
-.PHONY: help venv assets keeper migrate run images engine bench test clean distclean
+.PHONY: help machine-run machine-test venv assets keeper docs migrate run images engine bench test clean distclean
 
 help:
 	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/ (web + worker)"
@@ -24,7 +24,16 @@ help:
 	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
 	@echo "make engine     start a Docker engine if none is reachable (needs root)"
 	@echo "make bench      terminal latency/throughput and create-to-prompt benchmarks"
+	@echo "make docs       build the documentation website from docs/ (MkDocs, --strict) into site/; served at /docs/"
 	@echo "make venv | assets | keeper | migrate | clean | distclean"
+
+# --- The machine: system packages, the Docker engine, the offline test images --------
+# Installs what is missing when run as root (or with passwordless sudo); otherwise says what to run.
+machine-run:
+	bash scripts/machine.sh run
+
+machine-test:
+	bash scripts/machine.sh test
 
 # --- Python -------------------------------------------------------------------
 venv: $(VENV_STAMP)
@@ -52,14 +61,23 @@ keeper: $(KEEPER)
 $(KEEPER): environments/keeper/keeper.c scripts/build_keeper.sh
 	bash scripts/build_keeper.sh
 
+# --- The documentation website (served by LSL at /docs/; docker-compose's `docs` service) ----
+# --strict: a broken link or anchor, or a page missing from the nav, fails the build (and so `make test`).
+# mkdocs wipes site/ first and rewrites site/index.html, which is therefore the stamp.
+DOCS_STAMP := site/index.html
+
+docs: $(DOCS_STAMP)
+
+$(DOCS_STAMP): $(VENV_STAMP) mkdocs.yml $(wildcard docs/*.md) $(wildcard docs_theme/*.html docs_theme/*/*)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
 # --- Server -------------------------------------------------------------------
 migrate: venv
 	$(VPY) manage.py migrate --noinput
 
-run: venv assets keeper migrate
+run: machine-run venv assets keeper docs migrate
 	$(VPY) manage.py lsl_apply catalog/default.yaml
-	$(VPY) manage.py lsl_ensure_admin
-	@docker info >/dev/null 2>&1 || echo "LSL needs a running Docker engine: start one with 'sudo dockerd &' (or 'bash scripts/engine.sh')"
+	$(VPY) manage.py lsl_ensure_admin --url http://$(HOST):$(PORT)/
 	exec $(VPY) manage.py lsl_run --host $(HOST) --port $(PORT)   # daphne + the worker; Ctrl-C stops both
 
 # --- Docker helpers -------------------------------------------------------------
@@ -70,7 +88,7 @@ images:
 	bash scripts/build_test_images.sh
 
 # --- Checks -------------------------------------------------------------------
-test: venv assets keeper
+test: machine-test venv assets keeper docs
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: venv assets keeper
@@ -78,7 +96,7 @@ bench: venv assets keeper
 	$(VPY) bench/create.py
 
 clean:
-	rm -rf frontend/static/frontend/dist sessions/emulator/dist frontend/node_modules .pytest_cache $(KEEPER)
+	rm -rf frontend/static/frontend/dist sessions/emulator/dist frontend/node_modules .pytest_cache $(KEEPER) site
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Also drops the virtualenv and the cached Debian rootfs (keeps var/ data).

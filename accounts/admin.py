@@ -85,6 +85,7 @@ from accounts.models import Profile  # noqa: E402
 class ProfileAdmin(admin.ModelAdmin):
     """Identity inside environments (uid/gid/user name), host-network permission and per-user quotas."""
 
-    list_display = ["user", "shell_name", "uid", "gid", "allow_host_network", "quota_environments", "quota_cpus", "quota_memory_mb"]
+    list_display = ["user", "shell_name", "uid", "gid", "allow_host_network", "quota_environments", "quota_cpus", "quota_memory_mb",
+                    "quota_disk_mb", "quota_teams", "quota_team_volumes"]
     search_fields = ["user__username", "shell_name"]
     autocomplete_fields = ["user"]

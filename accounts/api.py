@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import AuthenticationFailed, NotFound, PermissionDenied
@@ -16,9 +16,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from lsl_site.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
+from rest_framework.validators import UniqueValidator
 
 from accounts import services
 from accounts.models import APIToken, Membership, Team, TeamRole
+from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField, StrictUUIDField
+from lsl_site.schema import errors
 
 User = get_user_model()
 
@@ -33,7 +36,8 @@ class MembershipSerializer(serializers.ModelSerializer):
 
 class TeamSerializer(serializers.ModelSerializer):
     members = MembershipSerializer(source="memberships", many=True, read_only=True)
-    slug = serializers.SlugField(required=False)
+    name = StrictCharField(max_length=100, validators=[UniqueValidator(queryset=Team.objects.all())])  # as the model's
+    slug = StrictSlugField(required=False, max_length=100)
 
     class Meta:
         model = Team
@@ -42,7 +46,7 @@ class TeamSerializer(serializers.ModelSerializer):
 
 
 class MemberWriteSerializer(serializers.Serializer):
-    user = serializers.SlugRelatedField(slug_field="username", queryset=User.objects.filter(is_active=True))
+    user = StrictSlugRelatedField(slug_field="username", queryset=User.objects.filter(is_active=True))
     role = serializers.ChoiceField(choices=TeamRole.choices, default=TeamRole.MEMBER)
 
 
@@ -54,13 +58,13 @@ class TokenSerializer(serializers.ModelSerializer):
 
 
 class TokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = StrictCharField(max_length=100)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
 
 class LoginTokenSerializer(TokenCreateSerializer):
-    username = serializers.CharField()
-    password = serializers.CharField(style={"input_type": "password"})
+    username = StrictCharField()
+    password = StrictCharField(style={"input_type": "password"})
 
 
 def me_payload(user: Any) -> dict[str, Any]:
@@ -80,6 +84,11 @@ class MeView(APIView):
         return Response(me_payload(request.user))
 
 
+TEAM_SLUG = OpenApiParameter("slug", str, OpenApiParameter.PATH, description="The team's slug")
+
+
+@extend_schema_view(retrieve=extend_schema(parameters=[TEAM_SLUG]), members=extend_schema(parameters=[TEAM_SLUG]),
+                    remove_member=extend_schema(parameters=[TEAM_SLUG]))
 class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
     """Teams I belong to (staff: all). Owners and maintainers manage membership."""
 
@@ -105,7 +114,7 @@ class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
             raise PermissionDenied("Only the team's owners and maintainers manage its members.")
         return team
 
-    @extend_schema(request=MemberWriteSerializer, responses=MembershipSerializer)
+    @extend_schema(request=MemberWriteSerializer, responses={201: MembershipSerializer, **errors(409)})
     @action(detail=True, methods=["post"])
     def members(self, request: Request, slug: str | None = None) -> Response:
         team = self._manageable()
@@ -125,10 +134,16 @@ class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+# An integer id, at most 18 digits: a longer one is not a route (a 404), never an integer SQL cannot hold.
+TOKEN_ID = OpenApiParameter("id", int, OpenApiParameter.PATH, description="The token's id")
+
+
+@extend_schema_view(retrieve=extend_schema(parameters=[TOKEN_ID]), destroy=extend_schema(parameters=[TOKEN_ID]))
 class TokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     """My API tokens. Creating one returns its key once; DELETE revokes."""
 
     serializer_class = TokenSerializer
+    lookup_value_regex = "[0-9]{1,18}"
 
     def get_queryset(self) -> QuerySet[APIToken]:
         return APIToken.objects.filter(user=self.request.user)
@@ -177,9 +192,9 @@ class LoginTokenView(APIView):
 
 
 class PingSerializer(serializers.Serializer):
-    client_id = serializers.UUIDField()
-    hostname = serializers.CharField(max_length=255, allow_blank=True, default="")
-    version = serializers.CharField(max_length=50, allow_blank=True, default="")
+    client_id = StrictUUIDField()
+    hostname = StrictCharField(max_length=255, allow_blank=True, default="")
+    version = StrictCharField(max_length=50, allow_blank=True, default="")
 
 
 class PingView(APIView):

@@ -26,6 +26,9 @@ class Team(models.Model):
     group = models.OneToOneField(Group, on_delete=models.PROTECT, related_name="team")
     created_at = models.DateTimeField(default=timezone.now)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="teams")
+    # Who created it: the per-user team quota counts these (handing the team on does not free a slot).
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
 
     class Meta:
         ordering = ["slug"]
@@ -101,11 +104,13 @@ class Client(models.Model):
 
 # --- identity inside environments (issue 6) -----------------------------------------
 
-# Names an image is likely to own already; a profile never defaults to one of them.
+# Names an image is likely to own already; a profile never defaults to one of them. Not "admin": it is
+# the account `make run` creates, and its shell should say admin@, not u10001@; the rare image that has
+# an admin account is handled at start (ENSURE_USER_SCRIPT falls back to lsl<uid> on a clash).
 RESERVED_SHELL_NAMES = frozenset({
     "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data",
     "backup", "list", "irc", "gnats", "nobody", "nogroup", "systemd-network", "systemd-resolve", "messagebus",
-    "sshd", "ubuntu", "debian", "fedora", "admin", "operator", "ftp", "halt", "shutdown", "adm", "wheel",
+    "sshd", "ubuntu", "debian", "fedora", "operator", "ftp", "halt", "shutdown", "adm", "wheel",
     "users", "staff", "sudo", "docker", "postgres", "mysql", "redis", "node", "lsl",
 })
 _SHELL_NAME_BAD = re.compile(r"[^a-z0-9_-]+")
@@ -138,6 +143,11 @@ class Profile(models.Model):
     quota_environments = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_ENVIRONMENTS; 0 = unlimited.")
     quota_cpus = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0)], help_text="Overrides LSL_QUOTA_USER_CPUS; 0 = unlimited.")
     quota_memory_mb = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_MEMORY_MB; 0 = unlimited.")
+    quota_disk_mb = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_DISK_MB; 0 = unlimited.")
+    quota_teams = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_TEAMS (teams this "
+                                              "user may create); 0 = unlimited. Staff are not limited.")
+    quota_team_volumes = models.PositiveIntegerField(null=True, blank=True, help_text="Overrides LSL_QUOTA_USER_TEAM_VOLUMES "
+                                                     "(team volumes this user may create); 0 = unlimited. Staff are not limited.")
 
     def __str__(self) -> str:
         return f"{self.shell_name} ({self.uid}:{self.gid})"

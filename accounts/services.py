@@ -5,15 +5,16 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, Group
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
-from accounts.models import APIToken, Client, Membership, Team, TeamRole
+from accounts.models import APIToken, Client, Membership, Profile, Team, TeamRole
 from accounts.tokens import generate_key
 from lsl_site import events
-from lsl_site.errors import DomainError, InvalidInput
+from lsl_site.errors import DomainError, InvalidInput, QuotaExceeded
 
 
 class LastOwner(DomainError):
@@ -45,11 +46,52 @@ def team_slug(name: str, slug: str | None = None) -> str:
     return slug
 
 
+# --- object quotas (issue 12: one user made 104 teams and 19 team volumes in 15 minutes) ------------
+
+OBJECT_QUOTAS = {"teams": "LSL_QUOTA_USER_TEAMS", "team_volumes": "LSL_QUOTA_USER_TEAM_VOLUMES"}
+
+
+def object_limit(user: AbstractBaseUser, kind: str) -> int:
+    """How many `kind` ("teams", "team_volumes") `user` may have created; 0 = unlimited.
+
+    Staff and superusers are not limited: they create teams and volumes for others as administration,
+    and can already do anything in the admin. The profile's `quota_<kind>` overrides the server default.
+    """
+    if getattr(user, "is_staff", False) or getattr(user, "is_superuser", False):
+        return 0
+    override = getattr(Profile.for_user(user), f"quota_{kind}")
+    return int(getattr(settings, OBJECT_QUOTAS[kind]) if override is None else override)
+
+
+def check_object_quota(user: AbstractBaseUser, kind: str, used: int) -> None:
+    """Raise QuotaExceeded when `user`, who created `used` of `kind`, may not create one more.
+    Call inside the creating transaction, after lock_user, so that two concurrent creations cannot both pass."""
+    limit = object_limit(user, kind)
+    if limit and used + 1 > limit:
+        noun = kind.replace("_", " ")
+        raise QuotaExceeded("user", kind, f"user quota exceeded: {kind}: user {user.get_username()!r} may create at most "
+                            f"{limit} {noun} and has {used}; delete one or ask an administrator to raise the limit")
+
+
+def lock_user(user: AbstractBaseUser) -> None:
+    """Serialise one user's quota-checked creations (PostgreSQL row lock; SQLite's BEGIN IMMEDIATE
+    write transaction already serialises them, and a SELECT there would only cost time)."""
+    from django.contrib.auth import get_user_model
+
+    if connection.features.has_select_for_update:
+        list(get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True))
+
+
 @transaction.atomic
 def create_team(name: str, *, owner: AbstractBaseUser | None = None, slug: str | None = None) -> Team:
+    """Create a team (owned by `owner`, who counts it against their team quota); refused before anything
+    is written when the quota is used up."""
     slug = team_slug(name, slug)
+    if owner is not None:
+        lock_user(owner)
+        check_object_quota(owner, "teams", Team.objects.filter(created_by=owner).count())
     group = Group.objects.create(name=f"team:{slug}")
-    team = Team.objects.create(name=name, slug=slug, group=group)
+    team = Team.objects.create(name=name, slug=slug, group=group, created_by=owner)
     if owner is not None:
         add_member(team, owner, TeamRole.OWNER)
     return team

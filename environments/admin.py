@@ -1,28 +1,120 @@
+from typing import Any
+
+from django import forms
 from django.contrib import admin, messages
-from guardian.admin import GuardedModelAdmin
+from django.http import HttpRequest
+from guardian.admin import AdminGroupObjectPermissionsForm, AdminUserObjectPermissionsForm, GuardedModelAdmin
 
 from environments import reconcile, runtime, services
-from environments.models import Environment, TeamQuota, TeamVolume, Template
+from environments.models import (
+    ROLE_CODENAMES,
+    Environment,
+    KeptWorkspace,
+    Role,
+    TeamQuota,
+    TeamVolume,
+    Template,
+)
+from environments.policy import HostNetworkRefused, QuotaExceeded, check_host_network_role, check_quota
+from lsl_site.errors import DomainError
 
 
 @admin.register(Template)
 class TemplateAdmin(GuardedModelAdmin):
-    list_display = ["slug", "image", "public", "cpus", "memory_mb", "pids", "allow_sudo", "managed_by_catalog"]
+    list_display = ["slug", "image", "public", "cpus", "memory_mb", "disk_mb", "pids", "allow_sudo", "managed_by_catalog"]
     list_filter = ["public", "managed_by_catalog", "allow_sudo"]
     search_fields = ["slug", "image", "snapshot_of"]
     filter_horizontal = ["teams"]
     readonly_fields = ["created_by", "snapshot_of"]
 
 
+def _role_choices(obj: Environment) -> list[tuple[str, str]]:
+    """LSL's roles only: Django's add/change/delete permissions mean nothing on one environment."""
+    labels = {codename: f"{Role(level).label} ({codename})" for level, codename in enumerate(ROLE_CODENAMES, start=1)}
+    return [(codename, label) for codename, label in labels.items()]
+
+
+class EnvironmentGroupPermissionsForm(AdminGroupObjectPermissionsForm):
+    def get_obj_perms_field_choices(self) -> list[tuple[str, str]]:
+        return _role_choices(self.obj)
+
+
+class EnvironmentUserPermissionsForm(AdminUserObjectPermissionsForm):
+    """guardian's per-user permission form, with the grant rule of services.grant_access: guardian
+    writes permissions directly, so without this the admin would be a way around it."""
+
+    def get_obj_perms_field_choices(self) -> list[tuple[str, str]]:
+        return _role_choices(self.obj)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        chosen = set(cleaned.get(self.get_obj_perms_field_name()) or [])
+        levels = [level for level, codename in enumerate(ROLE_CODENAMES, start=1) if codename in chosen]
+        if levels:
+            try:
+                check_host_network_role(self.obj, self.user, Role(max(levels)))
+            except HostNetworkRefused as exc:
+                raise forms.ValidationError(exc.detail, code=exc.code) from None
+        return cleaned
+
+
+class EnvironmentForm(forms.ModelForm):
+    """What the admin may change on an environment is what LSL can apply: name and team (as the API
+    does), and CPU, memory and process limits (`docker update`, at once, running or stopped). Quotas
+    are checked here, so a refusal is a form error rather than a failed save."""
+
+    class Meta:
+        model = Environment
+        fields = ["name", "team", "cpus", "memory_mb", "pids"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        env = self.instance
+        if self.errors or env.pk is None:
+            return cleaned
+        try:
+            if {"cpus", "memory_mb"} & set(self.changed_data) and env.status in ("running", "creating"):
+                check_quota(env.owner, env.team, cpus=cleaned["cpus"], memory_mb=cleaned["memory_mb"], new=False,
+                            exclude=env)
+        except QuotaExceeded as exc:
+            raise forms.ValidationError(exc.detail, code=exc.code) from None
+        return cleaned
+
+
 @admin.register(Environment)
 class EnvironmentAdmin(GuardedModelAdmin):
-    list_display = ["name", "owner", "team", "template", "status", "network_mode", "created_at"]
+    form = EnvironmentForm
+    list_display = ["name", "owner", "team", "template", "status", "network_mode", "cpus", "memory_mb", "created_at"]
     list_filter = ["status", "template", "team", "network_mode"]
     search_fields = ["name", "owner__username", "id"]
-    readonly_fields = ["id", "container_id", "workspace_volume", "image", "status", "progress", "last_error",
-                       "created_at", "updated_at", "started_at", "stopped_at", "stop_reason", "identity",
-                       "setup_status", "setup_log", "last_active_at"]
+    # Fixed when the container is made (network, mounts, image, disk allotment, owner's identity): shown,
+    # never edited, because an edit here would be saved and displayed without ever being applied.
+    readonly_fields = ["id", "owner", "template", "network_mode", "mounts", "disk_mb", "container_id",
+                       "workspace_volume", "image", "status", "progress", "last_error", "created_at", "updated_at",
+                       "started_at", "stopped_at", "stop_reason", "identity", "setup_status", "setup_log",
+                       "last_active_at"]
     actions = ["stop_selected", "reconcile_selected"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # environments are created through the API or the web app, which provision them
+
+    def save_model(self, request: HttpRequest, obj: Environment, form: forms.ModelForm, change: bool) -> None:
+        """Apply through the services (the one place writes happen), never by saving the row as edited."""
+        stored = Environment.objects.get(pk=obj.pk)
+        changed = set(form.changed_data)
+        try:
+            if changed & {"name", "team"}:
+                stored = services.update_environment(stored, name=obj.name, team=obj.team)
+            if changed & {"cpus", "memory_mb", "pids"}:
+                services.resize_environment(stored, cpus=obj.cpus, memory_mb=obj.memory_mb, pids=obj.pids)
+        except (DomainError, runtime.EngineError) as exc:
+            self.message_user(request, f"{stored}: not changed: {getattr(exc, 'detail', exc)}", messages.ERROR)
+
+    def get_obj_perms_manage_user_form(self, request: HttpRequest) -> type[forms.Form]:
+        return EnvironmentUserPermissionsForm
+
+    def get_obj_perms_manage_group_form(self, request: HttpRequest) -> type[forms.Form]:
+        return EnvironmentGroupPermissionsForm
 
     @admin.action(description="Stop selected environments")
     def stop_selected(self, request, queryset):  # type: ignore[no-untyped-def]
@@ -75,5 +167,29 @@ class TeamVolumeAdmin(admin.ModelAdmin):
 
 @admin.register(TeamQuota)
 class TeamQuotaAdmin(admin.ModelAdmin):
-    list_display = ["team", "environments", "cpus", "memory_mb"]
+    list_display = ["team", "environments", "cpus", "memory_mb", "disk_mb"]
     search_fields = ["team__slug"]
+
+
+@admin.register(KeptWorkspace)
+class KeptWorkspaceAdmin(admin.ModelAdmin):
+    """Deleted environments' data. Made by deletes (and the worker's adoption), removed by purging."""
+
+    list_display = ["environment_name", "owner", "team", "disk_mb", "volume_name", "deleted_at"]
+    search_fields = ["environment_name", "owner__username", "volume_name"]
+    readonly_fields = ["id", "owner", "team", "volume_name", "environment_name", "template_slug", "disk_mb", "deleted_at"]
+    actions = ["purge_selected"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # deleting the row alone would leave its volume behind, unlisted: purge instead
+
+    @admin.action(description="Purge selected (delete their data)")
+    def purge_selected(self, request, queryset):  # type: ignore[no-untyped-def]
+        for kept in queryset:
+            try:
+                services.purge_kept_workspace(kept)
+            except runtime.EngineError as exc:
+                self.message_user(request, f"{kept}: {exc}", messages.ERROR)

@@ -16,7 +16,7 @@ from django.apps import apps
 from django.db.models import Prefetch, QuerySet, prefetch_related_objects
 from django.http import StreamingHttpResponse
 from django.utils.encoding import smart_str
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -26,8 +26,10 @@ from rest_framework.views import APIView
 
 from environments import catalog, metrics, runtime, services
 from environments.files import as_async
-from lsl_site.errors import Conflict
-from environments.models import Environment, Role, Status, Template, usable_templates
+from lsl_site.errors import Conflict, InvalidInput
+from lsl_site.fields import StrictCharField
+from lsl_site.schema import errors, flag_parameter, query_flag
+from environments.models import Environment, KeptWorkspace, Role, Status, Template, usable_templates
 from environments.permissions import make_checker, require_role, role_for
 from environments.serializers import (
     EnvironmentSerializer,
@@ -64,6 +66,8 @@ class UsableTemplateField(serializers.SlugRelatedField):
         return usable_templates(self.user)
 
     def to_internal_value(self, data: Any) -> Template:
+        if not isinstance(data, str):  # the schema says a slug string; `3` is not template "3"
+            self.fail("invalid")
         try:
             template = Template.objects.filter(slug=data).first()
         except (TypeError, ValueError):
@@ -75,9 +79,9 @@ class UsableTemplateField(serializers.SlugRelatedField):
 
 
 class ExecSerializer(serializers.Serializer):
-    command = serializers.ListField(child=serializers.CharField(), min_length=1, max_length=256)
-    workdir = serializers.CharField(required=False, max_length=4096)
-    env = serializers.DictField(child=serializers.CharField(), required=False)
+    command = serializers.ListField(child=StrictCharField(), min_length=1, max_length=256)
+    workdir = StrictCharField(required=False, max_length=4096)
+    env = serializers.DictField(child=StrictCharField(), required=False)
 
 
 def _exec_lines(chunks: Iterator[bytes], exit_code: Any) -> Iterator[bytes]:
@@ -87,6 +91,32 @@ def _exec_lines(chunks: Iterator[bytes], exit_code: Any) -> Iterator[bytes]:
     yield json.dumps({"exit_code": exit_code()}).encode() + b"\n"
 
 
+class EnvironmentFilterSerializer(serializers.Serializer):
+    """The list's filters. Validated, so an unknown status or a NUL byte is a 400, not an empty page
+    (or a database error: PostgreSQL refuses NUL in a string). Blank means no filter."""
+
+    status = serializers.ChoiceField(choices=Status.choices, required=False, allow_blank=True)
+    team = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False, max_length=200,
+                                 help_text="A team's slug")
+    template = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False, max_length=200,
+                                     help_text="A template's slug")
+    owner = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False, max_length=200,
+                                  help_text="The owner's username")
+    name = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False, max_length=200)
+
+
+def _kept_workspace(user: Any, workspace_id: Any) -> KeptWorkspace | None:
+    """The caller's kept workspace by id; someone else's, or none, is the same 400 (nothing leaks)."""
+    if workspace_id is None:
+        return None
+    kept = KeptWorkspace.objects.filter(pk=workspace_id, owner=user).first()
+    if kept is None:
+        raise InvalidInput({"workspace": ["no such kept workspace (see GET /api/v1/workspaces/)"]})
+    return kept
+
+
+# PATCH goes through update() too (partial): the same input, all of it optional.
+@extend_schema_view(partial_update=extend_schema(request=EnvironmentUpdateSerializer, responses=EnvironmentSerializer))
 class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
                          mixins.UpdateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = EnvironmentSerializer
@@ -94,7 +124,11 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
 
     def get_queryset(self) -> QuerySet[Environment]:
         qs = Environment.objects.visible_to(self.request.user).select_related("owner", "team", "template")
-        params = self.request.query_params
+        if self.action != "list":
+            return qs
+        filters = EnvironmentFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        params = filters.validated_data
         if params.get("status"):
             qs = qs.filter(status=params["status"])
         if params.get("team"):
@@ -122,9 +156,7 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         require_role(self.request.user, env, needed)
         return env
 
-    @extend_schema(parameters=[OpenApiParameter("status", str), OpenApiParameter("team", str),
-                               OpenApiParameter("template", str), OpenApiParameter("owner", str),
-                               OpenApiParameter("name", str)])
+    @extend_schema(parameters=[EnvironmentFilterSerializer])
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         envs = list(page if page is not None else [])
@@ -136,6 +168,7 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return self._respond(self.get_object())
 
+    @extend_schema(responses={202: EnvironmentSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -143,23 +176,25 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         env = services.create_environment(request.user, services.CreateRequest(
             name=data["name"], template=data["template"], team=data.get("team"),
             network_mode=data.get("network_mode"), mounts=tuple(data.get("mounts", [])),
-            cpus=data.get("cpus"), memory_mb=data.get("memory_mb"),
+            cpus=data.get("cpus"), memory_mb=data.get("memory_mb"), disk_mb=data.get("disk_mb"),
+            workspace=_kept_workspace(request.user, data.get("workspace")),
         ))
         return self._respond(env, status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=EnvironmentUpdateSerializer)
+    @extend_schema(request=EnvironmentUpdateSerializer, responses=EnvironmentSerializer)
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         env = self._env(Role.ADMIN)
         serializer = EnvironmentUpdateSerializer(data=request.data, partial=kwargs.get("partial", False))
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        services.update_environment(env, name=data.get("name"), team=data["team"] if "team" in data else ...)
+        services.update_environment(env, name=data.get("name"), team=data["team"] if "team" in data else ..., by=request.user)
         return self._respond(env)
 
-    @extend_schema(parameters=[OpenApiParameter("purge", bool, description="Also delete the workspace volume")])
+    @extend_schema(parameters=[flag_parameter("purge", "Also delete the workspace volume (default false)")])
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         env = self._env(Role.ADMIN)
-        purge = str(request.query_params.get("purge", request.data.get("purge", "false") if isinstance(request.data, dict) else "false")).lower() in ("1", "true", "yes")
+        body = request.data.get("purge", "false") if isinstance(request.data, dict) else "false"  # older clients
+        purge = query_flag(request, "purge", default=str(body).lower() in ("1", "true", "yes"))
         services.delete_environment(env, purge=purge)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -178,7 +213,7 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     def restart(self, request: Request, pk: str | None = None) -> Response:
         return self._respond(services.restart_environment(self._env(Role.MEMBER)))
 
-    @extend_schema(request=ExecSerializer, responses={200: dict})
+    @extend_schema(request=ExecSerializer, responses={(200, "application/x-ndjson"): str})
     @action(detail=True, methods=["post"], url_path="exec", serializer_class=ExecSerializer)
     def exec_command(self, request: Request, pk: str | None = None) -> StreamingHttpResponse:
         """Run a command non-interactively (member role); streams NDJSON output, ends with the exit code."""
@@ -194,8 +229,9 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         # An async iterator: under ASGI, Django would buffer a plain one until the command ends.
         return StreamingHttpResponse(as_async(_exec_lines(chunks, exit_code)), content_type="application/x-ndjson")
 
-    @extend_schema(request=GrantSerializer, responses=GrantSerializer(many=True))
-    @action(detail=True, methods=["get", "post"], serializer_class=GrantSerializer)
+    @extend_schema(methods=["GET"], request=None, responses=GrantSerializer(many=True))
+    @extend_schema(methods=["POST"], request=GrantSerializer, responses={201: GrantSerializer})
+    @action(detail=True, methods=["get", "post"], serializer_class=GrantSerializer, pagination_class=None)
     def access(self, request: Request, pk: str | None = None) -> Response:
         """List grants (viewer role), or grant `{"user"|"team", "role"}` (admin role)."""
         if request.method == "GET":
@@ -209,7 +245,8 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         return Response(GrantSerializer(grant).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses={204: None})
-    @action(detail=True, methods=["delete"], url_path=r"access/(?P<grant_id>(user|team)-\d+)")
+    # At most 18 digits: a longer id is not a route (a 404), never an integer SQL cannot hold (a 500).
+    @action(detail=True, methods=["delete"], url_path=r"access/(?P<grant_id>(user|team)-[0-9]{1,18})")
     def revoke(self, request: Request, pk: str | None = None, grant_id: str = "") -> Response:
         env = self._env(Role.ADMIN)
         if not services.revoke_access(env, grant_id):
@@ -226,8 +263,8 @@ class MonitorView(APIView):
     """
 
     @extend_schema(parameters=[OpenApiParameter("environment", str, description="Only this environment (its id)"),
-                               OpenApiParameter("stats", bool, description="Include the sampled container stats (default true)")],
-                   responses={200: dict})
+                               flag_parameter("stats", "Include the sampled container stats (default true)")],
+                   responses={200: dict, **errors(404)})
     def get(self, request: Request) -> Response:
         qs = Environment.objects.visible_to(request.user).select_related("owner", "template")
         wanted = request.query_params.get("environment")
@@ -248,7 +285,7 @@ class MonitorView(APIView):
         prefetch_related_objects(envs, Prefetch("terminal_sessions", queryset=live, to_attr="live_sessions"))
 
         # Figures the worker sampled (LSL_STATS_INTERVAL): a read never asks the engine.
-        with_stats = request.query_params.get("stats", "1").lower() not in ("0", "false", "no")
+        with_stats = query_flag(request, "stats", default=True)
         host = metrics.host_snapshot()
         if with_stats:
             host["engine"] = metrics.engine_snapshot().get("engine") or {"error": "not sampled yet (is the worker running?)"}

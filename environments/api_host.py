@@ -13,7 +13,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 from django.http import HttpResponse, StreamingHttpResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.fields import empty
@@ -29,6 +29,8 @@ from environments import envfile, files, policy, services
 from environments.models import Environment, Role, SetupStatus, Status, TeamVolume
 from environments.permissions import require_role, role_for
 from environments.serializers import EnvironmentSerializer, TemplateSerializer
+from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField
+from lsl_site.schema import SLUG, flag_parameter, query_flag
 
 
 def environment_for(request: Request, pk: Any, needed: Role) -> Environment:
@@ -66,7 +68,7 @@ class FilesView(APIView):
 
     @extend_schema(parameters=[OpenApiParameter("path", str, required=True, description="Absolute path in the environment"),
                                OpenApiParameter("format", str, description="'tar': a tar archive even for a single file")],
-                   responses={200: bytes})
+                   responses={(200, "application/octet-stream"): bytes, (200, "application/x-tar"): bytes})
     def get(self, request: Request, pk: Any) -> StreamingHttpResponse:
         """Viewer role. Headers: X-LSL-File-Type (file|directory), X-LSL-Mode (octal), Content-Length for files,
         X-LSL-Size-Estimate for directories (for progress)."""
@@ -100,13 +102,13 @@ class FilesView(APIView):
 # --- setup log ------------------------------------------------------------------------------
 
 class SetupLogView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("follow", bool, description="Stream until setup ends")],
-                   responses={200: str})
+    @extend_schema(parameters=[flag_parameter("follow", "Stream until setup ends (default false)")],
+                   responses={(200, "text/plain"): str})
     def get(self, request: Request, pk: Any) -> HttpResponse:
         """The setup hooks' output (viewer role). `?follow=1` streams it while setup runs (as `tail -f` would).
         Header X-LSL-Setup-Status: pending, running, succeeded, failed (or empty: no setup)."""
         env = environment_for(request, pk, Role.VIEWER)
-        follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+        follow = query_flag(request, "follow", default=False)
         if not follow:
             response = HttpResponse(env.setup_log, content_type="text/plain; charset=utf-8")
         else:
@@ -136,9 +138,9 @@ async def _follow_setup_log(env_id: Any, poll: float = 0.3) -> Any:
 # --- snapshots and environment files -------------------------------------------------------
 
 class SnapshotSerializer(serializers.Serializer):
-    slug = serializers.SlugField(max_length=63)
-    description = serializers.CharField(required=False, allow_blank=True, max_length=1000)
-    teams = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all(), many=True, required=False)
+    slug = StrictSlugField(max_length=63)
+    description = StrictCharField(required=False, allow_blank=True, max_length=1000)
+    teams = StrictSlugRelatedField(slug_field="slug", queryset=Team.objects.all(), many=True, required=False)
     include_workspace = serializers.BooleanField(required=False, default=True)
 
 
@@ -157,7 +159,7 @@ class SnapshotView(APIView):
 
 
 class ExportView(APIView):
-    @extend_schema(responses={200: str})
+    @extend_schema(responses={(200, "application/yaml"): OpenApiResponse(dict, description="An environment file: a YAML mapping")})
     def get(self, request: Request, pk: Any) -> HttpResponse:
         """Viewer role. The environment as an environment file (YAML): template, team, network, limits, mounts."""
         env = environment_for(request, pk, Role.VIEWER)
@@ -185,9 +187,9 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
 
 
 class FromYamlSerializer(serializers.Serializer):
-    yaml = serializers.CharField(trim_whitespace=False, max_length=1024 * 1024)
-    name = serializers.SlugField(max_length=63, required=False)
-    filename = serializers.CharField(required=False, max_length=255)
+    yaml = StrictCharField(trim_whitespace=False, max_length=1024 * 1024)
+    name = StrictSlugField(max_length=63, required=False)
+    filename = StrictCharField(required=False, max_length=255)
 
     def run_validation(self, data: Any = empty) -> Any:
         if data is not empty and not isinstance(data, Mapping):  # a JSON body of `[]`, `"x"`, `3`, `null`...
@@ -201,7 +203,8 @@ class FromYamlView(APIView):
     parser_classes = [JSONParser, YamlTextParser]
 
     @extend_schema(request=FromYamlSerializer, responses={202: EnvironmentSerializer},
-                   parameters=[OpenApiParameter("name", str, description="Override the file's environment name")])
+                   parameters=[OpenApiParameter("name", {"type": "string", "pattern": SLUG, "maxLength": 63},
+                                                description="Override the file's environment name")])
     def post(self, request: Request) -> Response:
         """Create an environment from an environment file: a raw YAML body, or JSON {"yaml", "name"?, "filename"?}.
         Problems come back as {"yaml": ["FILE:LINE:COL: path: message", ...]}."""
@@ -220,8 +223,8 @@ class FromYamlView(APIView):
 # --- team volumes ------------------------------------------------------------------------------
 
 class TeamVolumeSerializer(serializers.ModelSerializer):
-    team = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all())
-    name = serializers.SlugField(max_length=63)
+    team = StrictSlugRelatedField(slug_field="slug", queryset=Team.objects.all())
+    name = StrictSlugField(max_length=63)
     created_by = serializers.CharField(source="created_by.username", read_only=True, default=None)
     mount = serializers.SerializerMethodField()
 
@@ -235,12 +238,18 @@ class TeamVolumeSerializer(serializers.ModelSerializer):
         return f"volume:{volume.name}:/mnt/{volume.name}"
 
 
+# An integer id, at most 18 digits: a longer one is not a route (a 404), never an integer SQL cannot hold.
+VOLUME_ID = OpenApiParameter("id", int, OpenApiParameter.PATH, description="The volume's id")
+
+
+@extend_schema_view(retrieve=extend_schema(parameters=[VOLUME_ID]), destroy=extend_schema(parameters=[VOLUME_ID]))
 class TeamVolumeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
                         mixins.DestroyModelMixin, viewsets.GenericViewSet):
     """Named volumes shared by a team's environments. Members list and create them; the volume's creator,
     team owners and maintainers delete them (only while no environment mounts them)."""
 
     serializer_class = TeamVolumeSerializer
+    lookup_value_regex = "[0-9]{1,18}"
 
     def get_queryset(self) -> QuerySet[TeamVolume]:
         qs = TeamVolume.objects.select_related("team", "created_by")
@@ -250,6 +259,16 @@ class TeamVolumeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins
         if self.request.query_params.get("team"):
             qs = qs.filter(team__slug=self.request.query_params["team"])
         return qs
+
+    def get_serializer(self, *args: Any, **kwargs: Any) -> Any:
+        serializer = super().get_serializer(*args, **kwargs)
+        user = getattr(self.request, "user", None)
+        if (not kwargs.get("many") and "team" in serializer.fields and user is not None and user.is_authenticated
+                and not (user.is_staff or user.is_superuser)):
+            # A team you may not see (you are not in it) is a team that does not exist (400), never a 403
+            # that says it does. Staff see every team: for them, not being a member stays a 403.
+            serializer.fields["team"].queryset = Team.objects.filter(memberships__user=user)
+        return serializer
 
     @extend_schema(parameters=[OpenApiParameter("team", str)])
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -279,12 +298,13 @@ class TeamVolumeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins
 class QuotaView(APIView):
     @extend_schema(responses={200: dict})
     def get(self, request: Request) -> Response:
-        """Your limits and usage, and those of your teams (0 = unlimited). CPUs and memory count running environments."""
+        """Your limits and usage, and those of your teams (0 = unlimited). CPUs and memory count running
+        environments; disk (the environments' disk limits) counts all; teams and team volumes count those you created."""
         user = request.user
         teams = Team.objects.filter(memberships__user=user).order_by("slug")
         return Response({
             "user": {"name": user.username, "limits": policy.user_limits(user),
-                     "usage": policy.quota_usage(Environment.objects.filter(owner=user))},
+                     "usage": policy.user_usage(user)},
             "teams": [{"team": team.slug, "limits": policy.team_limits(team),
                        "usage": policy.quota_usage(Environment.objects.filter(team=team))} for team in teams],
         })

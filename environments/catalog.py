@@ -36,6 +36,8 @@ DEFAULT_SHELL = "/bin/sh"
 
 MEMORY_MIN_MB = 16
 MEMORY_MAX_MB = 256 * 1024
+DISK_MIN_MB = 16
+DISK_MAX_MB = 16 * 1024 * 1024
 _MEMORY_RE = re.compile(r"^(?P<amount>[0-9]+(?:\.[0-9]+)?)(?P<unit>[mMgG])(?:i?[bB])?$")
 _MEMORY_UNIT_MB = {"m": 1, "g": 1024}
 
@@ -368,7 +370,23 @@ def _semantic_problems(data: Any, document: _Document, filename: str) -> list[Pr
         resources = entry.get("resources")
         if isinstance(resources, dict):
             _check_resources(resources, (*path, "resources"), add)
+        _check_mount_targets(entry.get("mounts"), (*path, "mounts"), add)
     return problems
+
+
+def _check_mount_targets(mounts: Any, path: JsonPath, add: Callable[[JsonPath, str], None]) -> None:
+    """A template mount over /etc (or any refused container path) fails at `lsl_apply`, at its line,
+    instead of in every environment created from the template."""
+    from environments.policy import MountError, check_target
+
+    for index, mount in enumerate(mounts if isinstance(mounts, list) else []):
+        target = mount.get("target") if isinstance(mount, dict) else None
+        if not isinstance(target, str) or not target.startswith("/"):
+            continue  # the schema reports those
+        try:
+            check_target(target)
+        except MountError as exc:
+            add((*path, index, "target"), str(exc))
 
 
 def _templates(data: Any) -> list[dict[str, Any]]:
@@ -390,6 +408,17 @@ def _check_resources(resources: dict[str, Any], path: JsonPath, add: Callable[[J
             add((*path, "memory"), f"{memory!r} is not a whole number of MiB")
         elif not MEMORY_MIN_MB <= mib <= MEMORY_MAX_MB:
             add((*path, "memory"), f"{memory!r} is out of range ({MEMORY_MIN_MB}m to {MEMORY_MAX_MB // 1024}g)")
+    disk = resources.get("disk")
+    if isinstance(disk, bool):
+        return  # the schema reports it
+    if isinstance(disk, int) and 0 < disk < DISK_MIN_MB:
+        add((*path, "disk"), f"must be 0 (no limit) or at least {DISK_MIN_MB} (MiB)")
+    elif isinstance(disk, str) and _MEMORY_RE.match(disk):
+        mib = parse_memory(disk)
+        if mib is None:
+            add((*path, "disk"), f"{disk!r} is not a whole number of MiB")
+        elif not DISK_MIN_MB <= mib <= DISK_MAX_MB:
+            add((*path, "disk"), f"{disk!r} is out of range ({DISK_MIN_MB}m to {DISK_MAX_MB // 1024}g, or 0 for no limit)")
 
 
 def _team_problems(data: Any, document: _Document, filename: str) -> tuple[dict[str, Team], list[Problem]]:
@@ -463,6 +492,8 @@ def template_fields(entry: dict[str, Any]) -> dict[str, Any]:
         "env": entry.get("env", {}),
         "cpus": float(resources.get("cpus", DEFAULT_CPUS)),
         "memory_mb": memory_mb,
+        # Absent: None, the server's LSL_DEFAULT_DISK_MB when an environment is created (policy.effective_disk_mb).
+        "disk_mb": parse_memory(resources["disk"]) if "disk" in resources else None,
         "pids": int(resources.get("pids", DEFAULT_PIDS)),
         "network_modes": list(entry.get("network", {}).get("modes", DEFAULT_NETWORK_MODES)),
         "mounts": [

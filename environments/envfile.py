@@ -43,6 +43,8 @@ def export_environment(env: Environment) -> str:
         body["team"] = env.team.slug
     body["network"] = env.network_mode
     body["resources"] = {"cpus": env.cpus, "memory": _memory(env.memory_mb)}
+    if env.disk_mb:  # 0 (no limit, made before limits or on a server without a default): the template's then
+        body["resources"]["disk"] = _memory(env.disk_mb)
     mounts = []
     for mount in env.mounts:
         if mount.get("template"):
@@ -67,6 +69,7 @@ _FIELD_PATHS: dict[str, JsonPath] = {
     "network_mode": ("environment", "network"),
     "cpus": ("environment", "resources", "cpus"),
     "memory_mb": ("environment", "resources", "memory"),
+    "disk_mb": ("environment", "resources", "disk"),
     "mounts": ("environment", "mounts"),
 }
 _INDEXED = re.compile(r"^\[(\d+)\] (.*)$", re.S)
@@ -96,9 +99,10 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
             team = Team.objects.filter(slug=spec["team"]).first()
             if team is None:
                 problem(("environment", "team"), f"unknown team {spec['team']!r}")
-        memory = spec.get("resources", {}).get("memory")
-        if isinstance(memory, str) and parse_memory(memory) is None:
-            problem(("environment", "resources", "memory"), f"{memory!r} is not a whole number of MiB")
+        for key in ("memory", "disk"):
+            size = spec.get("resources", {}).get(key)
+            if isinstance(size, str) and parse_memory(size) is None:
+                problem(("environment", "resources", key), f"{size!r} is not a whole number of MiB")
         for index, mount in enumerate(spec.get("mounts", [])):
             if ("source" in mount) == ("volume" in mount):
                 problem(("environment", "mounts", index), "give exactly one of 'source' (a host path) or 'volume' (a team volume)")
@@ -106,13 +110,14 @@ def create_from_yaml(owner: AbstractBaseUser, text: str, *, name: str | None = N
         raise InvalidInput({"yaml": [str(p) for p in sorted(set(problems))]})
 
     resources = spec.get("resources", {})
-    memory = resources.get("memory")
+    memory, disk = resources.get("memory"), resources.get("disk")
     request = services.CreateRequest(
         name=name or spec.get("name") or f"{template.slug}-{uuid.uuid4().hex[:6]}",
         template=template, team=team, network_mode=spec.get("network"),
         mounts=tuple({k: v for k, v in m.items()} for m in spec.get("mounts", [])),
         cpus=float(resources["cpus"]) if "cpus" in resources else None,
         memory_mb=parse_memory(memory) if memory is not None else None,
+        disk_mb=parse_memory(disk) if disk is not None else None,
     )
     try:
         return services.create_environment(owner, request)

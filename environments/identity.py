@@ -58,12 +58,11 @@ fi
 
 # Passwordless sudo where the template allows it (and nowhere else: remove a stale drop-in).
 dropin="/etc/sudoers.d/lsl-$uid"
+# The drop-in is written even before sudo is installed (a template's setup step may install it after
+# this runs): the distributions' sudoers all include /etc/sudoers.d.
 if [ "$sudo" = 1 ]; then
-  if [ -d /etc/sudoers.d ]; then
-    printf '#%s ALL=(ALL:ALL) NOPASSWD: ALL\n' "$uid" > "$dropin.tmp" && chmod 0440 "$dropin.tmp" && mv "$dropin.tmp" "$dropin"
-  else
-    echo "note: this image has no /etc/sudoers.d (is sudo installed?)" >&2
-  fi
+  mkdir -p /etc/sudoers.d
+  printf '#%s ALL=(ALL:ALL) NOPASSWD: ALL\n' "$uid" > "$dropin.tmp" && chmod 0440 "$dropin.tmp" && mv "$dropin.tmp" "$dropin"
 else
   rm -f "$dropin"
 fi

@@ -5,15 +5,15 @@ process memory: LSL may run as several server processes, and every one of them
 must answer a scrape with the same, complete picture. Names follow Prometheus
 conventions: base units (`_bytes`, `_seconds`, `_ratio`), `_total` on counters.
 
-Access: with `LSL_METRICS_TOKEN` set, a scrape needs `Authorization: Bearer
-<token>`; without it only loopback clients may scrape (a reverse proxy on the
-same host makes every client look local, so set a token behind one).
+Access: a scrape needs `Authorization: Bearer <LSL_METRICS_TOKEN>` or the session
+of an active staff user. The client's address is never trusted: every process on
+the host (a host-network environment, a reverse proxy's clients) connects from
+loopback, and the metrics name every environment and owner.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import threading
 import time
@@ -31,8 +31,8 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from environments import runtime
 from environments.models import Environment, Status
@@ -252,29 +252,55 @@ def registry() -> CollectorRegistry:
 
 # --- the view --------------------------------------------------------------------------------
 
-def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
-    return ip.is_loopback or bool(mapped and mapped.is_loopback)
-
-
-def _authorized(request: HttpRequest) -> bool:
-    token = settings.LSL_METRICS_TOKEN
-    if not token:
-        return _is_loopback(request.META.get("REMOTE_ADDR") or "")
+def _bearer_token(request: HttpRequest) -> str | None:
+    """The credentials of an `Authorization: Bearer ...` header (scheme case-insensitive, RFC 7235), else None."""
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
+def _is_staff_session(request: HttpRequest) -> bool:
+    user = getattr(request, "user", None)  # set by AuthenticationMiddleware (session cookie)
+    return bool(user is not None and user.is_authenticated and user.is_active and (user.is_staff or user.is_superuser))
+
+
+def _refusal(status: int, reason: str) -> HttpResponse:
+    response = HttpResponse(f"{status} {'Unauthorized' if status == 401 else 'Forbidden'}: {reason}\n", status=status,
+                            content_type="text/plain; charset=utf-8")
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="lsl-metrics"'
+    return response
+
+
+def _refuse(request: HttpRequest) -> HttpResponse | None:
+    """None when the request may scrape, else the plain-text refusal (Prometheus logs the body).
+
+    401 when no credentials came at all; 403 when the ones that came are not good enough (a wrong
+    token, a token while none is configured, a non-staff session).
+    """
+    configured = settings.LSL_METRICS_TOKEN
+    token = _bearer_token(request)
+    # hmac.compare_digest: the time taken must not tell how much of a guessed token was right.
+    if configured and token is not None and hmac.compare_digest(token.encode(), configured.encode()):
+        return None
+    if _is_staff_session(request):
+        return None
+    how = ("send 'Authorization: Bearer <LSL_METRICS_TOKEN>' or sign in as staff" if configured
+           else "LSL_METRICS_TOKEN is not set on this server, so only a signed-in staff user may scrape")
+    if token is not None:
+        return _refusal(403, f"wrong bearer token; {how}" if configured else f"no token is accepted: {how}")
+    if "Authorization" in request.headers:
+        return _refusal(401, f"the Authorization header must use the Bearer scheme; {how}")
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return _refusal(403, f"{user.get_username()!r} is not staff; {how}")
+    return _refusal(401, f"credentials required: {how}")
 
 
 @require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    if not _authorized(request):
-        reason = ("a valid 'Authorization: Bearer <LSL_METRICS_TOKEN>' header is required" if settings.LSL_METRICS_TOKEN
-                  else "only loopback clients may scrape while LSL_METRICS_TOKEN is unset")
-        return HttpResponse(f"403 Forbidden: {reason}\n", status=403, content_type="text/plain; charset=utf-8")
+    refusal = _refuse(request)
+    if refusal is not None:
+        return refusal
     # The text format by default; OpenMetrics when the scraper asks for it (Prometheus does).
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return HttpResponse(encoder(registry()), content_type=content_type)

@@ -31,6 +31,9 @@ class Template(models.Model):
     env = models.JSONField(default=dict, blank=True)
     cpus = models.FloatField(default=1.0)
     memory_mb = models.PositiveIntegerField(default=1024)
+    # Disk limit of its environments (workspace + container layer); null = LSL_DEFAULT_DISK_MB, 0 = none.
+    disk_mb = models.PositiveIntegerField(null=True, blank=True, help_text="Disk limit in MiB (workspace and "
+                                          "container layer); empty: LSL_DEFAULT_DISK_MB; 0: no limit.")
     pids = models.PositiveIntegerField(default=512)
     network_modes = models.JSONField(default=list)  # allowed modes; first is the default
     mounts = models.JSONField(default=list, blank=True)  # default mounts [{source, target, read_only}]
@@ -154,6 +157,9 @@ class Environment(models.Model):
     container_id = models.CharField(max_length=64, blank=True)
     cpus = models.FloatField()
     memory_mb = models.PositiveIntegerField()
+    # Disk limit in MiB (workspace volume + container layer), fixed at creation; 0 = none. Enforced by the
+    # worker's measurements (and by the engine for the container layer where it can): see policy.disk_verdict.
+    disk_mb = models.PositiveIntegerField(default=0)
     pids = models.PositiveIntegerField()
     network_mode = models.CharField(max_length=10, choices=NetworkMode.choices, default=NetworkMode.BRIDGE)
     mounts = models.JSONField(default=list, blank=True)  # [{source, target, read_only}]
@@ -184,6 +190,13 @@ class Environment(models.Model):
     # Container figures sampled by the worker (reads never ask the engine).
     stats = models.JSONField(default=dict, blank=True)
     stats_at = models.DateTimeField(null=True, blank=True)
+    # Disk use measured by the worker (MiB, workspace + container layer). After a stop for disk, the next
+    # start has until `disk_grace_until` to get under the limit; meanwhile it may not grow past
+    # `disk_grace_mb` (its use when stopped). Separate columns: the worker and a start write different ones.
+    disk_used_mb = models.PositiveIntegerField(null=True, blank=True)
+    disk_checked_at = models.DateTimeField(null=True, blank=True)
+    disk_grace_until = models.DateTimeField(null=True, blank=True)
+    disk_grace_mb = models.PositiveIntegerField(null=True, blank=True)
 
     objects = EnvironmentQuerySet.as_manager()
 
@@ -233,6 +246,28 @@ class TeamVolume(models.Model):
         return f"{self.team.slug}/{self.name}"
 
 
+class KeptWorkspace(models.Model):
+    """A workspace volume whose environment was deleted without `purge`: the data is kept (deleting
+    data is always explicit), listed for its owner, counted in their disk quota at the deleted
+    environment's allotment, and either attached to a new environment or purged."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="kept_workspaces")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="kept_workspaces")
+    volume_name = models.CharField(max_length=128, unique=True, editable=False)
+    environment_name = models.CharField(max_length=63, help_text="The deleted environment's name.")
+    template_slug = models.CharField(max_length=64, blank=True)
+    disk_mb = models.PositiveIntegerField(default=0, help_text="The deleted environment's disk allotment (MiB), "
+                                          "which the owner's disk quota keeps counting.")
+    deleted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-deleted_at"]
+
+    def __str__(self) -> str:
+        return f"{self.environment_name} ({self.volume_name})"
+
+
 class TeamQuota(models.Model):
     """Limits on a team's environments (those created with `team`). 0 = unlimited."""
 
@@ -240,6 +275,8 @@ class TeamQuota(models.Model):
     environments = models.PositiveIntegerField(default=0)
     cpus = models.FloatField(default=0)
     memory_mb = models.PositiveIntegerField(default=0)
+    disk_mb = models.PositiveIntegerField(default=0, help_text="Total disk limit (MiB) of the team's environments, "
+                                          "whatever their status; 0 = unlimited.")
 
     def __str__(self) -> str:
         return f"quota for {self.team.slug}"

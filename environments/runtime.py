@@ -7,12 +7,15 @@ else in LSL needs to know about `docker`.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 import socket
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +55,11 @@ class ContainerNotFound(EngineError):
     """The container is gone (removed behind LSL's back)."""
 
 
+class MountTargetRefused(EngineError):
+    """A mount target inside the container passes through a symbolic link: the engine would follow it
+    (a link to /etc in a snapshot would put a volume over /etc), so the container is not started."""
+
+
 @dataclass(frozen=True)
 class Mount:
     source: str  # a host path (bind) or a volume name (volume)
@@ -73,6 +81,7 @@ class ContainerSpec:
     pids: int
     network_mode: str
     workspace_volume: str
+    disk_mb: int = 0  # 0: no limit; else a hard cap on the container layer where the engine supports one
     binds: list[Mount] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     no_new_privileges: bool = True
@@ -248,6 +257,34 @@ def remove_volume(name: str) -> None:
             pass
 
 
+@dataclass(frozen=True)
+class WorkspaceVolume:
+    name: str
+    owner: str  # the LSL user name it was made for (LABEL_OWNER)
+    environment_id: str  # the environment it was made for (LABEL_ENVIRONMENT)
+    created_at: datetime | None
+
+
+def list_workspace_volumes() -> list[WorkspaceVolume]:
+    """This instance's environment workspace volumes (team volumes and helpers excluded)."""
+    with _guard("listing volumes"):
+        raw = _client().api.volumes(filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}",
+                                                       LABEL_OWNER]}).get("Volumes") or []
+    volumes = []
+    for item in raw:
+        labels = item.get("Labels") or {}
+        if not item.get("Name", "").startswith("lsl-ws-"):
+            continue
+        created = item.get("CreatedAt")
+        try:
+            created_at = datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None
+        except ValueError:
+            created_at = None
+        volumes.append(WorkspaceVolume(name=item["Name"], owner=labels.get(LABEL_OWNER, ""),
+                                       environment_id=labels.get(LABEL_ENVIRONMENT, ""), created_at=created_at))
+    return volumes
+
+
 def _instance_labels() -> dict[str, str]:
     return {LABEL_MANAGED: "1", LABEL_INSTANCE: settings.LSL_INSTANCE}
 
@@ -263,8 +300,8 @@ def create_container(spec: ContainerSpec) -> str:
     mounts = [docker.types.Mount(target=WORKSPACE_PATH, source=spec.workspace_volume, type="volume")]
     for bind in spec.binds:
         mounts.append(docker.types.Mount(target=bind.target, source=bind.source, type=bind.type, read_only=bind.read_only))
-    with _guard(f"creating container {spec.name}"):
-        container = _client().containers.create(
+    def create(**extra: Any) -> str:
+        return _client().containers.create(
             image=spec.image,
             command=spec.command,
             user="0:0",  # PID 1 and LSL's own execs are root; shells run as the environment user (exec user=)
@@ -284,13 +321,74 @@ def create_container(spec: ContainerSpec) -> str:
             memswap_limit=f"{spec.memory_mb}m",
             nano_cpus=int(spec.cpus * 1e9),
             detach=True,
-        )
-        return container.id
+            **extra,
+        ).id
+
+    storage = _storage_opts(spec.disk_mb)
+    with _guard(f"creating container {spec.name}"):
+        try:
+            return create(**storage)
+        except docker.errors.APIError as exc:
+            if not storage or "storage" not in str(exc).lower():
+                raise
+            # overlay2 on xfs without pquota: no hard limit after all; the worker's measurements still hold.
+            log.warning("the engine refused a container disk limit (%s); measuring only from now on", exc.explanation or exc)
+            _hard_disk_limit[settings.LSL_DOCKER_HOST or "default"] = False
+            return create()
+
+
+# Go's os.ModeSymlink, in the mode of the engine's path stat (X-Docker-Container-Path-Stat).
+_GO_MODE_SYMLINK = 1 << 27
+
+
+def check_mount_targets(container_id: str) -> None:
+    """Refuse to start a container one of whose mount targets is, or lies under, a symbolic link in its
+    root filesystem. The engine resolves targets inside the container and follows links, so a link
+    left in an image or a snapshot (`~/data -> /etc`) would turn an allowed target into a system path,
+    a loophole the policy's lexical checks cannot see. Checked at every start, on the stopped
+    container: while it runs, a user may replace a target's parent directory with a link."""
+    api = _client().api
+    with _guard("checking mount targets"):
+        mounts = api.inspect_container(container_id).get("Mounts") or []
+        archive = api._url("/containers/{0}/archive", container_id)
+        checked: set[str] = set()
+        for mount in mounts:
+            target = mount.get("Destination") or ""
+            parts = [p for p in target.split("/") if p]
+            for depth in range(1, len(parts) + 1):
+                path = "/" + "/".join(parts[:depth])
+                if path in checked:
+                    continue
+                checked.add(path)
+                response = api.head(archive, params={"path": path})
+                if response.status_code == 404:
+                    break  # missing: the engine creates it as a directory, and everything under it
+                api._raise_for_status(response)
+                header = response.headers.get("X-Docker-Container-Path-Stat")
+                stat = json.loads(base64.b64decode(header)) if header else {}
+                if stat.get("linkTarget") or int(stat.get("mode", 0)) & _GO_MODE_SYMLINK:
+                    raise MountTargetRefused(
+                        f"the mount target {target} passes through {path}, a symbolic link in the container "
+                        f"(to {stat.get('linkTarget') or '?'}); the engine would follow it, so the container "
+                        f"is not started. Replace the link with a directory (or mount elsewhere)")
 
 
 def start_container(container_id: str) -> None:
+    check_mount_targets(container_id)
     with _guard("starting container"):
         _client().api.start(container_id)
+
+
+def update_resources(container_id: str, *, cpus: float, memory_mb: int, pids: int) -> None:
+    """Apply new limits to a container, running or stopped (`docker update`). docker-py's
+    update_container knows neither NanoCpus (the containers are created with it, and the engine will
+    not mix it with a CPU quota) nor PidsLimit, so the API is called directly."""
+    api = _client().api
+    with _guard("updating container limits"):
+        response = api._post_json(api._url("/containers/{0}/update", container_id), data={
+            "NanoCpus": int(cpus * 1e9), "Memory": memory_mb * 1024 * 1024, "MemorySwap": memory_mb * 1024 * 1024,
+            "PidsLimit": pids})
+        api._raise_for_status(response)
 
 
 def stop_container(container_id: str, timeout: int = 5) -> None:
@@ -300,7 +398,8 @@ def stop_container(container_id: str, timeout: int = 5) -> None:
 
 def restart_container(container_id: str, timeout: int = 5) -> None:
     with _guard("restarting container"):
-        _client().api.restart(container_id, timeout=timeout)
+        _client().api.stop(container_id, timeout=timeout)
+    start_container(container_id)  # with its mount-target check
 
 
 def remove_container(container_id: str) -> None:
@@ -736,6 +835,78 @@ def remove_instance_resources() -> int:
         for volume in (api.volumes(filters=filters).get("Volumes") or []):
             api.remove_volume(volume["Name"], force=True)
     return len(containers)
+
+
+# --- disk -------------------------------------------------------------------------
+
+_hard_disk_limit: dict[str, bool] = {}  # per engine URL: does it take `storage_opt size`?
+
+
+def supports_hard_disk_limit() -> bool:
+    """Whether this engine caps a container's writable layer (`--storage-opt size=`): overlay2 only on
+    xfs mounted with pquota, and btrfs, zfs. Asked once per engine: `docker info` names the driver and its
+    backing file system; pquota is not visible there, so overlay2 on xfs is taken at its word and a
+    refusal at create time turns it off (create_container)."""
+    key = settings.LSL_DOCKER_HOST or "default"
+    known = _hard_disk_limit.get(key)
+    if known is None:
+        with _guard("reading engine info"):
+            info = _client().info()
+        known = hard_disk_limit_in(info)
+        _hard_disk_limit[key] = known
+        log.info("engine storage driver %s: %s", info.get("Driver", "?"),
+                 "hard disk limits on the container layer" if known else "no hard disk limit; measured by the worker")
+    return known
+
+
+def hard_disk_limit_in(info: dict[str, Any]) -> bool:
+    """From `docker info`: does this storage driver take `storage_opt size`? (Pure, for the rule's test.)"""
+    driver = info.get("Driver", "")
+    backing = dict((item[0], item[1]) for item in info.get("DriverStatus") or [] if len(item) == 2)
+    return driver in ("btrfs", "zfs") or (driver == "overlay2" and backing.get("Backing Filesystem") == "xfs")
+
+
+def _storage_opts(disk_mb: int) -> dict[str, Any]:
+    if disk_mb and supports_hard_disk_limit():
+        return {"storage_opt": {"size": f"{disk_mb}m"}}
+    return {}
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Bytes an environment holds on the engine's disk, as the engine counts them (not as the container
+    reports: a container's root user could lie)."""
+
+    workspace_bytes: int
+    container_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.workspace_bytes + self.container_bytes
+
+
+def disk_usage(environments: dict[str, tuple[str, str]]) -> dict[str, DiskUsage]:
+    """Disk use of environments {environment id: (container id, workspace volume)}, in one engine call.
+
+    The engine's own accounting (`docker system df`): each volume's size and each container's writable
+    layer (SizeRw), walked by dockerd itself, so nothing inside the container can fake it. The engine
+    walks every container and volume it has for this, however many are asked about: one call per check,
+    never one per environment. Environments whose volume or container the engine does not size (another
+    volume driver) are left out.
+    """
+    if not environments:
+        return {}
+    with _guard("measuring disk usage"):
+        data = _client().api.df()
+    volumes = {v.get("Name"): int((v.get("UsageData") or {}).get("Size", -1)) for v in data.get("Volumes") or []}
+    containers = {c.get("Id"): int(c.get("SizeRw") or 0) for c in data.get("Containers") or []}
+    usage: dict[str, DiskUsage] = {}
+    for env_id, (container_id, volume) in environments.items():
+        workspace = volumes.get(volume, -1)
+        if workspace < 0 or container_id not in containers:
+            continue
+        usage[env_id] = DiskUsage(workspace_bytes=workspace, container_bytes=containers[container_id])
+    return usage
 
 
 # --- host --------------------------------------------------------------------------

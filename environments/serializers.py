@@ -3,28 +3,44 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from accounts.models import Team
 from environments.models import Environment, NetworkMode, Role, Template
-from environments.policy import MountError, parse_mount
+from environments.policy import MountError, effective_disk_mb, parse_mount
+from lsl_site.fields import StrictSlugField, StrictSlugRelatedField
 
 
 class TemplateSerializer(serializers.ModelSerializer):
     teams = serializers.SlugRelatedField(slug_field="slug", many=True, read_only=True)
+    disk_mb = serializers.SerializerMethodField(help_text="Disk limit (MiB) of its environments; 0 = none.")
 
     class Meta:
         model = Template
-        fields = ["slug", "image", "description", "shell", "env", "cpus", "memory_mb", "pids", "network_modes",
+        fields = ["slug", "image", "description", "shell", "env", "cpus", "memory_mb", "disk_mb", "pids", "network_modes",
                   "mounts", "allow_user_mounts", "allow_sudo", "setup", "user_setup", "labels", "public", "teams",
                   "snapshot_of"]
 
+    def get_disk_mb(self, template: Template) -> int:
+        return effective_disk_mb(template)  # the server default where the catalog sets none
 
+
+@extend_schema_field({"oneOf": [
+    {"type": "string", "pattern": r"^(volume:)?[^:\x00]+:[^:\x00]+(:(ro|rw))?$", "not": {"pattern": r"^volume:[^:]*(:(ro|rw))?$"},
+     "description": "SRC:DST[:ro|rw] or volume:NAME:DST[:ro|rw]"},
+    {"type": "object", "required": ["source", "target"], "additionalProperties": False,
+     "properties": {"source": {"type": "string"}, "target": {"type": "string"}, "read_only": {"type": "boolean"}}},
+    {"type": "object", "required": ["volume", "target"], "additionalProperties": False,
+     "properties": {"volume": {"type": "string"}, "target": {"type": "string"}, "read_only": {"type": "boolean"}}},
+]})
 class MountField(serializers.Field):
     """Accepts `"SRC:DST[:ro]"`, `"volume:NAME:DST[:ro]"`, `{"source", "target", "read_only"}` or
     `{"volume", "target", "read_only"}`."""
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if isinstance(data, dict) and not isinstance(data.get("read_only", False), bool):
+            raise serializers.ValidationError("read_only must be true or false")
         if isinstance(data, str):
             try:
                 return parse_mount(data)
@@ -49,23 +65,27 @@ class MountField(serializers.Field):
 
 class EnvironmentSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
-    team = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, allow_null=True)
-    template = serializers.SlugRelatedField(slug_field="slug", queryset=Template.objects.all())
+    team = StrictSlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, allow_null=True)
+    template = StrictSlugRelatedField(slug_field="slug", queryset=Template.objects.all())
     network_mode = serializers.ChoiceField(choices=NetworkMode.choices, required=False)
     mounts = serializers.ListField(child=MountField(), required=False, max_length=16)
     cpus = serializers.FloatField(required=False, min_value=0.1, max_value=64)
     memory_mb = serializers.IntegerField(required=False, min_value=16, max_value=262144)
+    disk_mb = serializers.IntegerField(required=False, min_value=16, max_value=16 * 1024 * 1024,
+                                       help_text="Disk limit in MiB (workspace and container layer); at most the template's.")
+    workspace = serializers.UUIDField(write_only=True, required=False,
+                                      help_text="A kept workspace of yours (GET /api/v1/workspaces/) to attach instead of a new one.")
     role = serializers.SerializerMethodField()
-    name = serializers.SlugField(max_length=63)
+    name = StrictSlugField(max_length=63)
 
     class Meta:
         model = Environment
         fields = ["id", "name", "owner", "team", "template", "image", "status", "container_id", "cpus", "memory_mb",
-                  "pids", "network_mode", "mounts", "workspace_volume", "progress", "last_error", "role",
+                  "disk_mb", "disk_used_mb", "disk_checked_at", "disk_grace_until", "pids", "network_mode", "mounts", "workspace_volume", "workspace", "progress", "last_error", "role",
                   "created_at", "updated_at", "started_at", "stopped_at", "stop_reason", "setup_status", "identity"]
         read_only_fields = ["id", "owner", "image", "status", "container_id", "pids", "workspace_volume", "progress",
                             "last_error", "created_at", "updated_at", "started_at", "stopped_at", "stop_reason",
-                            "setup_status", "identity"]
+                            "setup_status", "identity", "disk_used_mb", "disk_checked_at", "disk_grace_until"]
         validators: list[Any] = []  # uniqueness per owner is checked (with a clear message) in services
 
     def get_role(self, env: Environment) -> str | None:
@@ -75,17 +95,17 @@ class EnvironmentSerializer(serializers.ModelSerializer):
 
 
 class EnvironmentUpdateSerializer(serializers.Serializer):
-    name = serializers.SlugField(max_length=63, required=False)
-    team = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, allow_null=True)
+    name = StrictSlugField(max_length=63, required=False)
+    team = StrictSlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, allow_null=True)
 
 
 class GrantSerializer(serializers.Serializer):
     id = serializers.CharField(read_only=True)
     kind = serializers.CharField(read_only=True)
     name = serializers.CharField(read_only=True)
-    user = serializers.SlugRelatedField(slug_field="username", queryset=get_user_model().objects.filter(is_active=True),
+    user = StrictSlugRelatedField(slug_field="username", queryset=get_user_model().objects.filter(is_active=True),
                                         required=False, write_only=True)
-    team = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, write_only=True)
+    team = StrictSlugRelatedField(slug_field="slug", queryset=Team.objects.all(), required=False, write_only=True)
     role = serializers.ChoiceField(choices=["viewer", "member", "admin"])
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

@@ -34,11 +34,20 @@ from environments.models import (
     NetworkMode,
     Role,
     SetupStatus,
+    KeptWorkspace,
     Status,
     TeamVolume,
     Template,
 )
-from environments.policy import check_quota, may_use_host_network, resolve_mounts
+from environments.policy import (
+    check_host_network_role,
+    check_quota,
+    check_team_volume_quota,
+    effective_disk_mb,
+    format_mb,
+    may_use_host_network,
+    resolve_mounts,
+)
 from environments.signals import environment_stopped
 from lsl_site import events
 from lsl_site.errors import InvalidInput
@@ -55,12 +64,15 @@ def container_spec(env: Environment) -> runtime.ContainerSpec:
         image=env.image,
         cpus=env.cpus,
         memory_mb=env.memory_mb,
+        disk_mb=env.disk_mb,
         pids=env.pids,
         network_mode=env.network_mode,
         workspace_volume=env.workspace_volume,
         binds=[runtime.Mount(m["source"], m["target"], bool(m.get("read_only")), m.get("type", "bind")) for m in env.mounts]
         + [keeper.volume_mount()] + ([mount] if (mount := keeper.container_mount(env.id)) is not None else []),
-        env={str(k): str(v) for k, v in (env.template.env or {}).items()},
+        # A UTF-8 locale unless the template says otherwise: in the C locale bash echoes a typed `ü` as
+        # `\303\274`. C.UTF-8 needs no locale package (glibc 2.35+, musl, BusyBox).
+        env={"LANG": "C.UTF-8", **{str(k): str(v) for k, v in (env.template.env or {}).items()}},
         # sudo is a setuid program: it cannot work under no-new-privileges. A template that allows sudo
         # trades that hardening for it (capabilities stay limited to DEV_SHELL_CAPABILITIES either way).
         no_new_privileges=not env.template.allow_sudo,
@@ -107,6 +119,8 @@ class CreateRequest:
     mounts: tuple[dict[str, Any], ...] = ()
     cpus: float | None = None
     memory_mb: int | None = None
+    disk_mb: int | None = None
+    workspace: KeptWorkspace | None = None  # a kept workspace to attach instead of a fresh one
 
 
 def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environment:
@@ -129,6 +143,10 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
         errors["cpus"] = [f"at most {template.cpus:g} for template {template.slug!r}"]
     if memory > template.memory_mb:
         errors["memory_mb"] = [f"at most {template.memory_mb} for template {template.slug!r}"]
+    template_disk = effective_disk_mb(template)
+    disk = template_disk if req.disk_mb is None else req.disk_mb
+    if template_disk and not 0 < disk <= template_disk:  # 0 would be "no limit": not the user's to choose
+        errors["disk_mb"] = [f"at most {template_disk} (MiB) for template {template.slug!r}"]
     if req.mounts and not template.allow_user_mounts:
         errors["mounts"] = [f"template {template.slug!r} does not allow user mounts"]
     mounts, mount_problems = resolve_mounts(owner, template, req.team, req.mounts)
@@ -140,19 +158,27 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
         errors["team"] = [f"you are not a member of team {req.team.slug!r}"]
     if Environment.objects.filter(owner=owner, name=req.name).exists():
         errors["name"] = [f"you already have an environment named {req.name!r}"]
+    if req.workspace is not None and req.workspace.owner_id != owner.pk:
+        errors["workspace"] = ["no such kept workspace"]  # someone else's: the same answer as none at all
     if errors:
         raise InvalidInput(errors)
 
     env_id = uuid.uuid4()
+    workspace_volume = f"lsl-ws-{env_id.hex[:12]}"
     has_setup = bool(template.setup or template.user_setup)
     try:
         with transaction.atomic():
             _lock_quota_subjects(owner, req.team)
-            check_quota(owner, req.team, cpus=cpus, memory_mb=memory, new=True)
+            if req.workspace is not None:
+                # Attached, it is this environment's workspace: no longer kept, nor counted twice.
+                if not KeptWorkspace.objects.filter(pk=req.workspace.pk, owner=owner).delete()[0]:
+                    raise InvalidInput({"workspace": ["no such kept workspace"]})
+                workspace_volume = req.workspace.volume_name
+            check_quota(owner, req.team, cpus=cpus, memory_mb=memory, disk_mb=disk, new=True)
             env = Environment.objects.create(
                 id=env_id, name=req.name, owner=owner, team=req.team, template=template, image=template.image,
-                status=Status.CREATING, cpus=cpus, memory_mb=memory, pids=template.pids, network_mode=network,
-                mounts=mounts, workspace_volume=f"lsl-ws-{env_id.hex[:12]}", progress={"phase": "queued"},
+                status=Status.CREATING, cpus=cpus, memory_mb=memory, disk_mb=disk, pids=template.pids, network_mode=network,
+                mounts=mounts, workspace_volume=workspace_volume, progress={"phase": "queued"},
                 setup_status=SetupStatus.PENDING if has_setup else SetupStatus.NONE,
             )
             if req.team is not None:
@@ -318,11 +344,28 @@ def start_environment(env: Environment) -> Environment:
             ensure_identity(env)
         with transaction.atomic():
             now = timezone.now()
-            set_status(env, Status.RUNNING, started_at=now, last_active_at=now, last_error="", stop_reason="")
+            set_status(env, Status.RUNNING, **{"started_at": now, "last_active_at": now, "last_error": "",
+                                               "stop_reason": "", **_disk_grace(env, now)})
     return env
 
 
-def stop_environment(env: Environment, *, reason: str = "stopped") -> Environment:
+def _disk_grace(env: Environment, now: Any) -> dict[str, Any]:
+    """After a stop for disk, a start is allowed so that the user can delete files; the worker gives it
+    LSL_DISK_GRACE seconds to get under the limit, during which it may not grow (policy.disk_verdict).
+    Any other start ends a grace period."""
+    if env.stop_reason != "disk":
+        if env.disk_grace_until is not None and now < env.disk_grace_until:
+            return {"last_error": env.last_error}  # restarted while cleaning up: the same grace period and notice
+        return {"disk_grace_until": None, "disk_grace_mb": None}
+    until = now + timedelta(seconds=settings.LSL_DISK_GRACE)
+    used = max(env.disk_used_mb or 0, env.disk_mb)
+    return {"disk_grace_until": until, "disk_grace_mb": used,
+            "last_error": f"over its disk limit ({format_mb(used)} used of {format_mb(env.disk_mb)}): delete files "
+                          f"before {until:%H:%M:%S} UTC or it is stopped again"}
+
+
+def stop_environment(env: Environment, *, reason: str = "stopped", detail: str = "") -> Environment:
+    """Stop the container (never delete anything); `detail` says why to people (e.g. the disk limit)."""
     container_id = require_container(env)
     with _pending(env, "stop"):
         # Before the container goes: sessions then end with this reason, not "the shell exited".
@@ -332,7 +375,8 @@ def stop_environment(env: Environment, *, reason: str = "stopped") -> Environmen
         except runtime.ContainerNotFound:
             pass
         with transaction.atomic():
-            set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason)
+            set_status(env, Status.STOPPED, stopped_at=timezone.now(), stop_reason=reason,
+                       **({"last_error": detail} if detail else {}))
     return env
 
 
@@ -342,7 +386,9 @@ def restart_environment(env: Environment) -> Environment:
         environment_stopped.send(sender=Environment, environment=env, reason="restarted")
         runtime.restart_container(container_id)
         with transaction.atomic():
-            set_status(env, Status.RUNNING, started_at=timezone.now(), last_error="", stop_reason="")
+            now = timezone.now()
+            set_status(env, Status.RUNNING, **{"started_at": now, "last_error": "", "stop_reason": "",
+                                               **_disk_grace(env, now)})
     return env
 
 
@@ -360,14 +406,23 @@ def delete_environment(env: Environment, *, purge: bool = False) -> None:
         if purge and env.workspace_volume:
             runtime.remove_volume(env.workspace_volume)
         keeper.remove_host_dir(env.id)
+        # Kept (and listed) only if it was made: an environment can fail before its volume exists.
+        keep = not purge and bool(env.workspace_volume) and runtime.volume_exists(env.workspace_volume)
         with transaction.atomic():
             payload = environment_payload(env)
             env_id, owner_id = env.pk, env.owner_id
+            if keep:
+                KeptWorkspace.objects.get_or_create(volume_name=env.workspace_volume, defaults={
+                    "owner": env.owner, "team": env.team, "environment_name": env.name,
+                    "template_slug": env.template.slug if env.template_id else "", "disk_mb": env.disk_mb})
             env.delete()
             events.publish("environment.deleted", {"environment": payload}, environment_id=env_id, user_ids=[owner_id])
 
 
-def update_environment(env: Environment, *, name: str | None = None, team: Team | None | Any = ...) -> Environment:
+def update_environment(env: Environment, *, name: str | None = None, team: Team | None | Any = ...,
+                       by: AbstractBaseUser | None = None) -> Environment:
+    """Rename or move to another team. `by` (the acting user, when one acts) may only move it into a team
+    they belong to, exactly as at creation."""
     fields: list[str] = []
     if name is not None and name != env.name:
         if Environment.objects.filter(owner=env.owner, name=name).exclude(pk=env.pk).exists():
@@ -377,6 +432,13 @@ def update_environment(env: Environment, *, name: str | None = None, team: Team 
     if team is not ... and team != env.team:
         if any(m.get("type") == "volume" for m in env.mounts):
             raise InvalidInput({"team": ["this environment mounts team volumes: it cannot change team"]})
+        if team is not None and by is not None and not by.is_superuser and not team.memberships.filter(user=by).exists():
+            raise InvalidInput({"team": [f"you are not a member of team {team.slug!r}"]})
+        if team is not None:
+            # The team takes it on: its environment and disk quotas, and its CPU and memory ones if it runs.
+            running = env.status in (Status.RUNNING, Status.CREATING)
+            check_quota(env.owner, team, cpus=env.cpus if running else 0, memory_mb=env.memory_mb if running else 0,
+                        new=True, exclude=env, disk_mb=env.disk_mb)
         env.team = team
         fields.append("team")
     if fields:
@@ -384,6 +446,56 @@ def update_environment(env: Environment, *, name: str | None = None, team: Team 
             env.save(update_fields=[*fields, "updated_at"])
             publish_environment(env)
     return env
+
+
+def resize_environment(env: Environment, *, cpus: float, memory_mb: int, pids: int) -> Environment:
+    """New CPU, memory and process limits, applied to the container at once (running or stopped) and
+    counted in quotas like a start (the admin's environment form)."""
+    running = env.status in (Status.RUNNING, Status.CREATING)
+    if running:
+        check_quota(env.owner, env.team, cpus=cpus, memory_mb=memory_mb, new=False, exclude=env)
+    with transaction.atomic():
+        if env.container_id:
+            try:
+                runtime.update_resources(env.container_id, cpus=cpus, memory_mb=memory_mb, pids=pids)
+            except runtime.ContainerNotFound:
+                pass  # recreated with the new limits at the next start
+        env.cpus, env.memory_mb, env.pids = cpus, memory_mb, pids
+        env.save(update_fields=["cpus", "memory_mb", "pids", "updated_at"])
+        publish_environment(env)
+    return env
+
+
+# --- kept workspaces ----------------------------------------------------------------
+
+def purge_kept_workspace(kept: KeptWorkspace) -> None:
+    """Delete a kept workspace's data (the volume) and its record. Explicit, like `delete --purge`."""
+    runtime.remove_volume(kept.volume_name)  # refused by the engine (an EngineError) while a container uses it
+    with transaction.atomic():
+        kept.delete()
+        events.publish("workspace.purged", {"workspace": str(kept.pk), "volume": kept.volume_name},
+                       user_ids=[kept.owner_id])
+
+
+def adopt_orphan_workspaces() -> list[KeptWorkspace]:
+    """Record this instance's workspace volumes that no environment uses and nothing records: kept
+    before KeptWorkspace existed, or left by a delete that died half-way. Run by the worker."""
+    from django.contrib.auth import get_user_model
+
+    in_use = set(Environment.objects.exclude(workspace_volume="").values_list("workspace_volume", flat=True))
+    known = set(KeptWorkspace.objects.values_list("volume_name", flat=True))
+    adopted = []
+    for volume in runtime.list_workspace_volumes():
+        if volume.name in in_use or volume.name in known:
+            continue
+        owner = get_user_model().objects.filter(username=volume.owner).first()
+        if owner is None:
+            continue  # an owner deleted since: an operator's call (`docker volume rm`), not ours
+        kept, _ = KeptWorkspace.objects.get_or_create(volume_name=volume.name, defaults={
+            "owner": owner, "environment_name": f"(deleted {volume.environment_id[:8]})" if volume.environment_id
+            else "(unknown)", "deleted_at": volume.created_at or timezone.now()})
+        adopted.append(kept)
+    return adopted
 
 
 # --- access ----------------------------------------------------------------------
@@ -429,6 +541,10 @@ def grant_access(env: Environment, *, role: Role, user: AbstractBaseUser | None 
         raise InvalidInput({"non_field_errors": ["give exactly one of 'user' or 'team'"]})
     if user is not None and user.pk == env.owner_id:
         raise InvalidInput({"user": ["the owner is always admin of their environment"]})
+    if user is not None:
+        # Member and admin run commands: on a host-network environment that needs the right. A team
+        # grant is not refused (membership changes); role_for holds members without it at viewer.
+        check_host_network_role(env, user, role)
     subject = user if user is not None else team.group  # type: ignore[union-attr]
     with transaction.atomic():
         for codename in ROLE_CODENAMES:
@@ -527,6 +643,8 @@ def create_team_volume(team: Team, name: str, *, by: AbstractBaseUser | None = N
         raise InvalidInput({"name": [f"team {team.slug!r} already has a volume named {name!r}"]})
     volume_name = f"lsl-team-{team.slug[:40]}-{name[:40]}-{uuid.uuid4().hex[:8]}"
     with transaction.atomic():
+        if by is not None:
+            check_team_volume_quota(by)  # before anything is written; the engine's volume comes last
         volume = TeamVolume.objects.create(team=team, name=name, volume_name=volume_name, created_by=by)
         runtime.ensure_volume(volume_name, {"lsl.team": team.slug, "lsl.team-volume": name})
     return volume
@@ -588,7 +706,8 @@ def snapshot_environment(env: Environment, by: AbstractBaseUser, *, slug: str, d
         template = Template.objects.create(
             slug=slug, image=f"{repository}:{tag}",
             description=description or f"Snapshot of {env.owner.get_username()}/{env.name} ({source.slug})",
-            shell=source.shell, env=source.env, cpus=source.cpus, memory_mb=source.memory_mb, pids=source.pids,
+            shell=source.shell, env=source.env, cpus=source.cpus, memory_mb=source.memory_mb, disk_mb=source.disk_mb,
+            pids=source.pids,
             network_modes=source.network_modes, mounts=source.mounts, allow_user_mounts=source.allow_user_mounts,
             allow_sudo=source.allow_sudo, setup=[], user_setup=[], labels=source.labels, public=False,
             managed_by_catalog=False, created_by=by, snapshot_of=f"{env.owner.get_username()}/{env.name} ({env.id})",

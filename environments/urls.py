@@ -1,13 +1,14 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from environments import api_host
+from environments import api_host, api_workspaces
 from environments.api import EnvironmentViewSet, MonitorView, TemplateViewSet
 
 router = SimpleRouter()
 router.register("templates", TemplateViewSet, basename="template")
 router.register("environments", EnvironmentViewSet, basename="environment")
 router.register("volumes", api_host.TeamVolumeViewSet, basename="volume")
+router.register("workspaces", api_workspaces.KeptWorkspaceViewSet, basename="workspace")
 
 urlpatterns = [
     *router.urls,

@@ -6,7 +6,7 @@ Threads, each with one job:
   row changes (reconcile.EngineEventTracker); on every (re)connect it first runs a full reconcile,
   so nothing that happened while it was away is missed;
 - periodic jobs, one thread each: resume stalled provisioning, enforce setup deadlines, the full
-  reconcile safety net, idle stop, container stats sampling, event and task-result pruning.
+  reconcile safety net, idle stop, disk limits, container stats sampling, event and task-result pruning.
   Several workers may run: each periodic run is claimed with a conditional UPDATE on its
   PeriodicJob row, so it happens once per interval whoever runs it.
 
@@ -18,6 +18,7 @@ run out.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from environments import metrics, provisioning, reconcile, runtime, services, tasks
+from environments import metrics, policy, provisioning, reconcile, runtime, services, tasks
 from environments.models import Environment, Status
 from lsl_site import events, wake
 from lsl_site.dbpool import refresh_connections
@@ -59,6 +60,53 @@ def _sample_stats() -> dict[str, Any]:
         return {"engine": {"error": str(exc)}, "engine_up": False, "sampled_at": now.isoformat()}
 
 
+# The engine's walk of every layer and volume costs ~5 ms per small environment and ~10 µs per file
+# (measured: 2 workspaces of 20 000 files, 0.42 s): at most this share of the engine's time goes to it.
+DISK_CHECK_MAX_SHARE = 0.2
+
+
+def enforce_disk_limits() -> dict[str, Any]:
+    """Measure every running environment's disk (workspace volume + container layer, in one engine call),
+    record it, and stop (never delete) those over their limit with the reason (policy.disk_verdict).
+
+    Returns the figures of this run, kept on the PeriodicJob row: `seconds` is what the engine took to
+    measure (it walks every container layer and volume it has). A slow walk pushes the next run back
+    (DISK_CHECK_MAX_SHARE), so that many or huge workspaces cannot keep the engine's disk busy.
+    """
+    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id="")
+                .select_related("owner", "template", "team"))
+    if not envs:
+        return {"environments": 0, "measured": 0, "stopped": 0, "seconds": 0.0}
+    started = time.monotonic()
+    usage = runtime.disk_usage({str(env.pk): (env.container_id, env.workspace_volume) for env in envs})
+    took = time.monotonic() - started
+    now = timezone.now()
+    if took / DISK_CHECK_MAX_SHARE > settings.LSL_DISK_CHECK_INTERVAL:
+        PeriodicJob.objects.filter(name="enforce_disk_limits").update(
+            due_at=now + timedelta(seconds=took / DISK_CHECK_MAX_SHARE))
+    stopped = 0
+    for env in envs:
+        measured = usage.get(str(env.pk))
+        if measured is None:
+            continue
+        used_mb = measured.total_bytes / (1024 * 1024)
+        Environment.objects.filter(pk=env.pk).update(disk_used_mb=math.ceil(used_mb), disk_checked_at=now)
+        if policy.disk_verdict(env, used_mb, now) is None:
+            continue
+        env.refresh_from_db()  # a start may just have set a grace period; a user may just have stopped it
+        verdict = policy.disk_verdict(env, used_mb, now)
+        if env.status != Status.RUNNING or verdict is None:
+            continue
+        log.warning("stopping %s: %s (workspace %d bytes, container layer %d bytes)", env, verdict,
+                    measured.workspace_bytes, measured.container_bytes)
+        try:
+            services.stop_environment(env, reason="disk", detail=verdict)
+            stopped += 1
+        except runtime.EngineError as exc:
+            log.warning("could not stop %s for its disk use: %s", env, exc)
+    return {"environments": len(envs), "measured": len(usage), "stopped": stopped, "seconds": round(took, 3)}
+
+
 def _prune_task_results() -> int:
     from django_tasks_db.models import DBTaskResult
 
@@ -75,7 +123,11 @@ PERIODIC: list[Periodic] = [
     Periodic("stop_idle_environments",
              lambda: settings.LSL_IDLE_CHECK_INTERVAL if settings.LSL_IDLE_STOP_AFTER > 0 else 0,
              lambda: len(services.stop_idle_environments())),
+    Periodic("enforce_disk_limits", lambda: settings.LSL_DISK_CHECK_INTERVAL, enforce_disk_limits),
     Periodic("sample_stats", lambda: settings.LSL_STATS_INTERVAL, _sample_stats),
+    # Workspace volumes no row accounts for (kept before kept workspaces were recorded, or a delete that
+    # died half-way): listed for their owners, so nothing kept is invisible (services.adopt_orphan_workspaces).
+    Periodic("adopt_orphan_workspaces", lambda: 300.0, lambda: len(services.adopt_orphan_workspaces())),
     Periodic("prune_events", lambda: 300.0, lambda: events.prune(settings.LSL_EVENT_RETENTION)),
     Periodic("prune_task_results", lambda: 3600.0, _prune_task_results),
 ]

@@ -17,8 +17,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const outdir = path.join(here, "static", "frontend", "dist");
 const watch = process.argv.includes("--watch");
 
-// Page bundles. events.js and render.js are shared modules, bundled into each page that imports them.
-const entries = ["terminal", "player", "monitor", "dashboard", "environment"];
+// Page bundles. events.js and render.js are shared modules, bundled into each page that imports them;
+// page.js is on every page, last: it starts the page's bundle (templates carry no inline script).
+const entries = ["terminal", "player", "monitor", "dashboard", "environment", "page"];
 const css = [
   "node_modules/@xterm/xterm/css/xterm.css",
   "node_modules/asciinema-player/dist/bundle/asciinema-player.css",

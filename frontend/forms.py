@@ -17,6 +17,7 @@ from django.utils.text import slugify
 
 from accounts.models import Team, TeamRole
 from environments.models import NetworkMode, Role, usable_templates
+from lsl_site.throttling import AuthFailures, client_ident
 
 # Password guessing: 5 failures per username + IP within 5 minutes lock that pair for 5 minutes.
 LOGIN_MAX_FAILURES = 5
@@ -50,10 +51,21 @@ class ThrottledAuthenticationForm(AuthenticationForm):
         **AuthenticationForm.error_messages,
         "locked": "Too many failed sign-in attempts for this account from your address. "
                   "Try again in %(minutes)d minute(s).",
+        "throttled": "Too many failed sign-in attempts from your address. Try again in %(seconds)d second(s).",
     }
+    # Seconds until the address may try again, when it is over the failed-authentication rate (the view
+    # answers 429 with Retry-After then).
+    retry_after: float | None = None
 
     def clean(self) -> dict[str, Any]:
         username = self.cleaned_data.get("username") or ""
+        # Per address, across usernames (password spraying), shared with the API's tokens
+        # (lsl_site/throttling.py): checked before the password, which is then not even looked at.
+        address_failures = AuthFailures(client_ident(self.request.META if self.request is not None else {}))
+        self.retry_after = address_failures.wait()
+        if self.retry_after is not None:
+            raise forms.ValidationError(self.error_messages["throttled"], code="throttled",
+                                        params={"seconds": self.retry_after})
         failures_key, lock_key = _login_keys(self.request, username)
         locked_until = _cached("get", lock_key)
         if locked_until is not None:
@@ -62,6 +74,7 @@ class ThrottledAuthenticationForm(AuthenticationForm):
         try:
             return super().clean()
         except forms.ValidationError:
+            address_failures.record()
             if username:
                 _cached("add", failures_key, 0, LOGIN_WINDOW_SECONDS)
                 try:

@@ -1,15 +1,19 @@
 from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import path
+from django.views.generic.base import RedirectView
 
 from environments.metrics import metrics_view
 from frontend import views
 
 urlpatterns = [
+    # Pages link their icon (<link rel="icon">, base.html); this answers what asks /favicon.ico anyway.
+    path("favicon.ico", RedirectView.as_view(url=static("frontend/favicon.svg"), permanent=True), name="favicon"),
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", views.dashboard, name="dashboard"),
     path("monitor/", views.monitor, name="monitor"),
-    # Prometheus scrapes this (token or loopback only; see docs/monitoring.md).
+    # Prometheus scrapes this (Bearer $LSL_METRICS_TOKEN or a staff session; see docs/monitoring.md).
     path("metrics", metrics_view, name="metrics"),
     path("environments/new/", views.environment_create, name="environment-create"),
     path("environments/<uuid:env_id>/", views.environment_detail, name="environment"),

@@ -12,6 +12,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from csp.decorators import csp_update
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -40,6 +41,13 @@ class LoginView(auth_views.LoginView):
     template_name = "frontend/login.html"
     authentication_form = ThrottledAuthenticationForm
     redirect_authenticated_user = True
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        response = super().form_invalid(form)
+        if form.retry_after is not None:  # the address is over its failed-authentication rate
+            response.status_code = 429
+            response["Retry-After"] = str(int(form.retry_after))
+        return response
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -298,9 +306,13 @@ def _session_environment(request: HttpRequest, session_id: uuid.UUID) -> tuple[T
 @login_required
 def terminal(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     session, env, role = _session_environment(request, session_id)
-    return render(request, "frontend/terminal.html", {"session": session, "env": env, "role": role})
+    return render(request, "frontend/terminal.html",
+                  {"session": session, "env": env, "role": role, "can_open": role >= Role.MEMBER})
 
 
+# asciinema-player parses the recording with WebAssembly: compiling it needs 'wasm-unsafe-eval' (which lets
+# WebAssembly compile, never JavaScript's eval), on this page only.
+@csp_update({"script-src": ["'wasm-unsafe-eval'"]})
 @login_required
 def replay(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     session, env, role = _session_environment(request, session_id)
@@ -354,6 +366,9 @@ def team_create(request: HttpRequest) -> HttpResponse:
         except IntegrityError:
             # Someone created the same team between the form's check and ours.
             form.add_error("name", f"A team named {name!r} already exists.")
+        except DomainError as exc:  # e.g. the team quota: said on the form, nothing was created
+            for line in _service_errors(exc):
+                form.add_error(None, line)
         else:
             messages.success(request, f"Team {team.name} created; you are its owner.")
             return redirect(f"{reverse('teams')}#team-{team.slug}")

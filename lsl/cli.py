@@ -27,6 +27,7 @@ from lsl.errors import (
     EXIT_CODES_HELP,
     USAGE,
     AuthError,
+    Conflict,
     EnvironmentFailed,
     LslError,
     NotFound,
@@ -227,6 +228,7 @@ TEMPLATE_COLUMNS = [
     ("IMAGE", lambda t: t.get("image")),
     ("CPUS", lambda t: t.get("cpus")),
     ("MEMORY", lambda t: f"{t['memory_mb']}m" if t.get("memory_mb") else None),
+    ("DISK", lambda t: _disk_limit(t.get("disk_mb"))),
     ("NETWORK", lambda t: t.get("network_modes")),
     ("DESCRIPTION", lambda t: t.get("description")),
 ]
@@ -247,6 +249,25 @@ def parse_memory(ctx: click.Context | None, param: click.Parameter | None, value
     if megabytes < 1:
         raise click.BadParameter(f"{value!r}: too small")
     return int(megabytes)
+
+
+def _disk_limit(disk_mb: Any) -> str | None:
+    """A disk limit as `lsl` shows sizes (MiB with an m, like memory); 0 is "none" (no limit)."""
+    if disk_mb is None:
+        return None
+    return f"{disk_mb}m" if disk_mb else "none"
+
+
+def _disk_text(env: dict[str, Any]) -> str | None:
+    """`20m (40m used)`, plus the deadline while it is being cleaned up after a stop for disk."""
+    limit = _disk_limit(env.get("disk_mb"))
+    if limit is None:
+        return None
+    used = env.get("disk_used_mb")
+    text = f"{limit} ({used}m used)" if used is not None else limit
+    if env.get("disk_grace_until"):
+        text += f"; clean up before {env['disk_grace_until']}"
+    return text
 
 
 def parse_mounts(ctx: click.Context | None, param: click.Parameter | None, values: tuple[str, ...]) -> list[str]:
@@ -272,12 +293,15 @@ def parse_mounts(ctx: click.Context | None, param: click.Parameter | None, value
               help="Bind-mount a host path (repeatable; the server restricts allowed roots).")
 @click.option("--cpus", type=click.FloatRange(min=0.1), help="CPU limit, e.g. 1.5.")
 @click.option("--memory", callback=parse_memory, help="Memory limit, e.g. 512m or 2g.")
+@click.option("--disk", callback=parse_memory, help="Disk limit (workspace and container), e.g. 20g; at most the template's.")
+@click.option("--workspace", "workspace", metavar="KEPT",
+              help="Attach a kept workspace (a deleted environment's data; see 'lsl workspace ls') instead of a new one.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it runs (with a progress bar).")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for it to run.")
 @json_option
 def create(name: str | None, template: str | None, from_file: str | None, name_option: str | None, team: str | None,
-           network: str | None, mounts: list[str], cpus: float | None, memory: int | None, wait: bool, timeout: float,
-           as_json: bool) -> int:
+           network: str | None, mounts: list[str], cpus: float | None, memory: int | None, disk: int | None,
+           workspace: str | None, wait: bool, timeout: float, as_json: bool) -> int:
     """Create an environment and wait until it runs.
 
     The server pulls the image if needed and runs the template's setup; a
@@ -293,11 +317,12 @@ def create(name: str | None, template: str | None, from_file: str | None, name_o
       lsl create api --template python --team platform --network bridge --cpus 2 --memory 2g
       lsl create data --template debian --mount /srv/data:/data:ro
       lsl create --from dev.lsl.yaml --name dev2
+      lsl create dev --template debian --workspace dev     # the data of the deleted 'dev'
     """
     client = state().client
     if from_file is not None:
         extra = {"--template": template, "--team": team, "--network": network, "--cpus": cpus, "--memory": memory,
-                 "--mount": mounts or None}
+                 "--disk": disk, "--mount": mounts or None, "--workspace": workspace}
         given = [option for option, value in extra.items() if value is not None]
         if given:
             raise UsageFailure(f"{', '.join(given)} cannot be combined with --from (edit the file instead)")
@@ -310,10 +335,12 @@ def create(name: str | None, template: str | None, from_file: str | None, name_o
         if not name or not template:
             raise UsageFailure("give NAME and --template (or --from FILE)")
         body = {"name": name, "template": template}
-        optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory}
+        optional = {"team": team, "network_mode": network, "cpus": cpus, "memory_mb": memory, "disk_mb": disk}
         body.update({key: value for key, value in optional.items() if value is not None})
         if mounts:
             body["mounts"] = mounts
+        if workspace:
+            body["workspace"] = _find_kept_workspace(client, workspace)["id"]
 
     from lsl.progress import open_event_stream, polling_allowed, wait_for_environment
 
@@ -444,10 +471,23 @@ def _lifecycle(action: str) -> click.Command:
     def command(environment: str, as_json: bool) -> None:
         client = state().client
         env = client.find_environment(environment)
-        env = client.post(f"environments/{env['id']}/{action}/")
+        try:
+            env = client.post(f"environments/{env['id']}/{action}/")
+        except Conflict as exc:
+            # The engine refused (a container that cannot start: its reason is the message). That
+            # is "failed to start", exit 1, as for `lsl create`; other conflicts (not running,
+            # still being created) stay exit 5.
+            if action != "stop" and exc.code == "engine_error" and env.get("status") != "creating":
+                raise EnvironmentFailed(f"{env['name']}: could not {action}: {exc.message}") from None
+            raise
         if as_json:
-            return print_json(env)
-        err.print(f"{env['name']}: {env.get('status')}")
+            print_json(env)
+        if action != "stop" and env.get("status") != "running":
+            reason = env.get("last_error") or env.get("stop_reason") or "no reason given"
+            raise EnvironmentFailed(f"{env['name']}: {env.get('status')} after {action} ({reason}); "
+                                    f"see 'lsl info {env['name']}'")
+        if not as_json:
+            err.print(f"{env['name']}: {env.get('status')}", markup=False)
         return None
 
     return command
@@ -463,7 +503,8 @@ for _action in ("start", "stop", "restart"):
 def rm(environment: str, purge: bool) -> None:
     """Delete an environment.
 
-    Its workspace volume is kept (for a new environment) unless --purge.
+    Its workspace volume is kept unless --purge: 'lsl workspace ls' lists it,
+    'lsl create --workspace NAME' attaches it to a new environment.
 
     \b
     Examples:
@@ -473,7 +514,11 @@ def rm(environment: str, purge: bool) -> None:
     client = state().client
     env = client.find_environment(environment)
     client.delete(f"environments/{env['id']}/", purge="true" if purge else "false")
-    err.print(f"{env['name']}: removed{' with its workspace volume' if purge else ''}")
+    if purge:
+        err.print(f"{env['name']}: removed with its workspace volume", markup=False)
+    else:
+        err.print(f"{env['name']}: removed; its workspace is kept (lsl workspace ls; "
+                  f"lsl create --workspace {env['name']} to use it again)", markup=False)
 
 
 @cli.command()
@@ -497,6 +542,7 @@ def info(environment: str, as_json: bool) -> None:
         ("owner", env.get("owner")), ("team", env.get("team")), ("your role", env.get("role")),
         ("template", env.get("template")), ("image", env.get("image")),
         ("cpus", env.get("cpus")), ("memory", f"{env['memory_mb']}m" if env.get("memory_mb") else None),
+        ("disk", _disk_text(env)),
         ("pids", env.get("pids")), ("network", env.get("network_mode")), ("mounts", mounts),
         ("workspace", env.get("workspace_volume")), ("container", (env.get("container_id") or "")[:12]),
         ("progress", progress.get("phase")), ("stop reason", env.get("stop_reason")),
@@ -601,6 +647,72 @@ def snapshot(environment: str, slug: str, teams: tuple[str, ...], description: s
     return None
 
 
+# --- kept workspaces -----------------------------------------------------------------------
+
+WORKSPACE_COLUMNS = [
+    ("ENVIRONMENT", lambda w: w.get("environment_name")),
+    ("TEMPLATE", lambda w: w.get("template_slug") or "-"),
+    ("DISK", lambda w: _disk_limit(w.get("disk_mb")) or "-"),
+    ("DELETED", lambda w: ago(w.get("deleted_at"))),
+    ("DOCKER VOLUME", lambda w: w.get("volume_name")),
+    ("ID", lambda w: w.get("id")),
+]
+
+
+def _find_kept_workspace(client: Client, name: str) -> dict[str, Any]:
+    """A kept workspace by its deleted environment's name or its id (the newest when names repeat)."""
+    kept = client.get_all("workspaces/")
+    matches = [w for w in kept if name in (w.get("id"), w.get("volume_name"))] or \
+        [w for w in kept if w.get("environment_name") == name]
+    if not matches:
+        raise NotFound(f"no kept workspace named {name!r} (see: lsl workspace ls)")
+    return matches[0]  # the server lists the newest first
+
+
+@cli.group(context_settings=CONTEXT)
+def workspace() -> None:
+    """Kept workspaces: the data of environments deleted without --purge.
+
+    A kept workspace counts in your disk quota until you attach it to a new
+    environment (lsl create --workspace) or purge it (lsl workspace rm).
+
+    \b
+    Examples:
+      lsl workspace ls
+      lsl create dev --template debian --workspace dev
+      lsl workspace rm old-experiment
+    """
+
+
+@workspace.command("ls")
+@json_option
+def workspace_ls(as_json: bool) -> None:
+    """List your kept workspaces, newest first."""
+    kept = state().client.get_all("workspaces/")
+    if as_json:
+        return print_json(kept)
+    table(kept, WORKSPACE_COLUMNS, empty="no kept workspaces (lsl rm keeps an environment's workspace unless --purge)")
+    return None
+
+
+@workspace.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask (the data is deleted).")
+def workspace_rm(names: tuple[str, ...], yes: bool) -> None:
+    """Delete kept workspaces and their data (by environment name or id)."""
+    client = state().client
+    found = [_find_kept_workspace(client, name) for name in names]
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageFailure("this deletes data: add --yes (no terminal to ask on)")
+        listed = ", ".join(str(w.get("environment_name")) for w in found)
+        if not click.confirm(f"Delete the data of {listed}?", err=True):
+            raise click.Abort()
+    for kept in found:
+        client.delete(f"workspaces/{kept['id']}/")
+        err.print(f"kept workspace {kept.get('environment_name')} ({kept.get('volume_name')}) deleted", markup=False)
+
+
 # --- team volumes and quotas ------------------------------------------------------------
 
 VOLUME_COLUMNS = [
@@ -678,7 +790,8 @@ def _usage_of(used: Any, limit: Any, unit: str = "") -> str:
 @cli.command()
 @json_option
 def quota(as_json: bool) -> None:
-    """Show your quotas and your teams' (usage / limit; CPUs and memory count running environments).
+    """Show your quotas and your teams' (usage / limit; CPUs and memory count running environments,
+    disk the disk limits of all; TEAMS and VOLUMES count the teams and team volumes you created).
 
     \b
     Example:
@@ -696,7 +809,9 @@ def quota(as_json: bool) -> None:
 
     table(rows, [("SCOPE", lambda r: r["scope"]), ("NAME", lambda r: r.get("name")),
                  ("ENVIRONMENTS", column("environments")), ("CPUS", column("cpus")),
-                 ("MEMORY", column("memory_mb", "m"))])
+                 ("MEMORY", column("memory_mb", "m")), ("DISK", column("disk_mb", "m")),
+                 ("TEAMS", lambda r: column("teams")(r) if r["scope"] == "user" else ""),
+                 ("VOLUMES", lambda r: column("team_volumes")(r) if r["scope"] == "user" else "")])
     return None
 
 

@@ -51,6 +51,16 @@ def error_fields(response: requests.Response) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {}
 
 
+def error_code(response: requests.Response) -> str:
+    """`error.code` of the server's error JSON ("" when there is none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("code") or "") if isinstance(error, dict) else ""
+
+
 def raise_for_status(response: requests.Response) -> None:
     if response.status_code < 400:
         return
@@ -62,7 +72,7 @@ def raise_for_status(response: requests.Response) -> None:
     if status == 404:
         raise NotFound(message)
     if status == 409:
-        raise Conflict(message)
+        raise Conflict(message, code=error_code(response))
     if status in (400, 405, 413, 415, 422):
         raise UsageFailure(message, fields=fields)
     if status == 429:

@@ -7,7 +7,7 @@ GENERIC, USAGE, AUTH, NOT_FOUND, CONFLICT, UNREACHABLE, SERVER_ERROR = 1, 2, 3, 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
-  1  other error, e.g. an environment could not be created (the engine's reason is printed)
+  1  other error, e.g. an environment could not be created or started (the engine's reason is printed)
   2  usage error, or input the server rejected
   3  not logged in, bad or revoked token, permission denied
   4  not found (environment, session, user...)
@@ -23,9 +23,10 @@ class LslError(Exception):
 
     exit_code = GENERIC
 
-    def __init__(self, message: str, exit_code: int | None = None, fields: dict | None = None) -> None:
+    def __init__(self, message: str, exit_code: int | None = None, fields: dict | None = None, code: str = "") -> None:
         super().__init__(message)
         self.fields: dict = fields or {}
+        self.code = code  # the server's error code (`engine_error`, `not_running`...), when it sent one
         if exit_code is not None:
             self.exit_code = exit_code
 
@@ -35,7 +36,8 @@ class LslError(Exception):
 
 
 class EnvironmentFailed(LslError):
-    """An environment ended up `error` (or stopped at once) instead of running: the engine's reason.
+    """An environment ended up `error` (or stopped at once) instead of running, or the engine could
+    not start it (`lsl start`/`restart`): the engine's reason.
 
     Exit 1, as docs/cli.md has always documented "the environment failed to start": it is not a
     conflict with the request (5) nor a broken server (7), and scripts already test for it.

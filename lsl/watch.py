@@ -273,7 +273,9 @@ class Watcher:
                 self._line(f"{before.get('name')} renamed to {after.get('name')}")
             if old != new:
                 suffix = "" if shown_after else " (no longer listed)"
-                error = f": {after['last_error']}" if after.get("status") == "error" and after.get("last_error") else ""
+                # An error says why; so does a stop for disk ("disk limit exceeded: 42 MB used of 20 MB; ...").
+                explained = after.get("status") == "error" or after.get("stop_reason") == "disk"
+                error = f": {after['last_error']}" if explained and after.get("last_error") else ""
                 self._line(f"{name} {old} -> {new}{error}{suffix}")
 
     def _line(self, text: str) -> None:

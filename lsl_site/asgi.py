@@ -10,7 +10,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from lsl_site import shutdown  # noqa: E402
+from lsl_site import httpserver, shutdown  # noqa: E402
 from lsl_site.routing import websocket_urlpatterns  # noqa: E402
 from sessions.auth import WebsocketAuthMiddleware  # noqa: E402
 
@@ -20,6 +20,9 @@ application = ProtocolTypeRouter(
         "websocket": WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )
+
+# Request bodies bounded before they are read (daphne would otherwise queue any body whole, in RAM).
+httpserver.install()
 
 # SIGTERM: terminals are handed back (their shells live on in the keepers) and clients are told to reconnect.
 shutdown.install()

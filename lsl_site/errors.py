@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -35,6 +37,20 @@ class InvalidInput(DomainError):
                 for field, msgs in (self.fields or {}).items() for msg in msgs]
 
 
+class QuotaExceeded(DomainError):
+    """A 403 naming the limit: {"quota": ["..."]}. Raised before anything is created or started.
+
+    Here rather than in environments.policy so that accounts (team creation) raises the same error
+    without depending on environments (dependencies point one way)."""
+
+    status = 403
+    code = "quota_exceeded"
+
+    def __init__(self, scope: str, limit: str, message: str) -> None:
+        super().__init__(message, fields={"quota": [message]})
+        self.scope, self.limit = scope, limit
+
+
 class EngineUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "engine_unavailable"
@@ -50,6 +66,10 @@ class Conflict(exceptions.APIException):
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     from environments.runtime import EngineError, EngineUnavailableError, ImageNotFound
 
+    if isinstance(exc, Http404):  # get_object_or_404's: the same code as the API's own NotFound
+        exc = exceptions.NotFound(str(exc) or None)
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied(str(exc) or None)
     if isinstance(exc, EngineUnavailableError):
         exc = EngineUnavailable(str(exc))
     elif isinstance(exc, ImageNotFound):

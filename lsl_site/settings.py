@@ -42,6 +42,12 @@ SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("LSL_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("LSL_CSRF_TRUSTED_ORIGINS", [])
 
+# Request bodies (lsl_site/httpserver.py): a larger one gets a 413 before it is read. The file-transfer
+# upload is spooled to a temporary file and handed over a chunk at a time, so it may be larger (0: no limit).
+LSL_MAX_REQUEST_BYTES = env_int("LSL_MAX_REQUEST_BYTES", 8 * 1024 * 1024, minimum=1024)
+LSL_MAX_UPLOAD_BYTES = env_int("LSL_MAX_UPLOAD_BYTES", 10 * 1024**3, minimum=0)
+DATA_UPLOAD_MAX_MEMORY_SIZE = LSL_MAX_REQUEST_BYTES  # Django's own check (request.body) agrees with the server's
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -53,6 +59,7 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from here (/api/docs/): no CDN, works offline
     "guardian",
     "django_tasks",
     "django_tasks_db",
@@ -65,6 +72,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "lsl_site.security.ContentSecurityPolicyMiddleware",  # django-csp + this host's websockets
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -144,10 +152,39 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# Served through the finders (WHITENOISE_USE_FINDERS) until someone runs collectstatic; WhiteNoise warns at
+# every start when the directory is missing, so it exists from the first run.
+STATIC_ROOT.mkdir(exist_ok=True)
 # daphne serves no static files: WhiteNoise does, straight from the app dirs (no collectstatic step needed).
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Response headers against hostile pages and content (issue 12). Django's defaults, stated so that
+# nobody loosens them by accident: SecurityMiddleware sends the first three, XFrameOptionsMiddleware the last.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp; lsl_site/security.py adds ws:/wss: of the request's host). Scripts
+# come only from this server's static files: templates carry no inline script or event handler. Styles
+# allow 'unsafe-inline': xterm.js creates <style> elements at run time (and has no nonce option), and
+# Swagger UI's page has a <style> block; CSS cannot run script, and the ways it could send data
+# elsewhere (url() loads, fonts) are held to 'self' by img-src, font-src and connect-src.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],  # Swagger UI's and Django admin's icons include data: SVGs
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
@@ -158,7 +195,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "lsl_site.schema.AutoSchema",  # + every operation's error responses, the token scheme
+    # The API speaks JSON (the CLI and the pages send nothing else): a form encoding cannot carry null, a
+    # list or a nested object, so accepting one would make the schema's types a lie. Others get a 415.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_PAGINATION_CLASS": "lsl_site.pagination.Pagination",  # limit/offset, at most 200 a page
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_CLASSES": [
@@ -169,7 +209,13 @@ REST_FRAMEWORK = {
         "anon": env_str("LSL_THROTTLE_ANON", "60/min"),
         "user": env_str("LSL_THROTTLE_USER", "1200/min"),
         "login": env_str("LSL_THROTTLE_LOGIN", "10/min"),
+        # Wrong credentials per client address (API tokens, websocket handshakes, the sign-in form); over it,
+        # credentials from that address are refused unchecked (429) until the window ends (accounts/auth.py).
+        "auth_failures": env_str("LSL_THROTTLE_AUTH_FAILURES", "20/min"),
     },
+    # The client address of a throttle is REMOTE_ADDR unless LSL_NUM_PROXIES trusted proxies append to
+    # X-Forwarded-For; trusting the header by default would let any caller pick a fresh address per request.
+    "NUM_PROXIES": env_int("LSL_NUM_PROXIES", 0, minimum=0),
     "EXCEPTION_HANDLER": "lsl_site.errors.api_exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
@@ -179,6 +225,18 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Lightweight Subsystem for Linux: disposable, shareable dev environments on Docker.",
     "VERSION": LSL_VERSION,
     "SERVE_INCLUDE_SCHEMA": False,
+    # Request and response components apart: what a client may send (read-only fields left out, blank
+    # strings refused) is not what it gets back. tests/test_schemathesis.py holds the server to both.
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Two fields named `role` with different choices: a name each, rather than a generated hash.
+    "ENUM_NAME_OVERRIDES": {"TeamRoleEnum": "accounts.models.TeamRole", "GrantRoleEnum": ["viewer", "member", "admin"]},
+    # Served by this server (drf-spectacular-sidecar through WhiteNoise), never a CDN: the docs work offline
+    # and fit the Content-Security-Policy (the page's init script is a separate request: lsl_site/urls.py).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No validator badge: it would load an image from validator.swagger.io (and the policy blocks it).
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 
 # --- LSL -------------------------------------------------------------------
@@ -230,7 +288,7 @@ LSL_SESSION_SNAPSHOT_SCROLLBACK = env_int("LSL_SESSION_SNAPSHOT_SCROLLBACK", 200
 # (server_lost) and its shell killed; until then it survives, so a restart loses nothing.
 LSL_SESSION_REATTACH_GRACE = env_float("LSL_SESSION_REATTACH_GRACE", 120.0, minimum=0)
 LSL_WS_BASE_URL = env_str("LSL_WS_BASE_URL")  # empty: derived from the request
-LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")
+LSL_METRICS_TOKEN = env_str("LSL_METRICS_TOKEN")  # /metrics: this bearer token or a staff session; never the address
 
 # Identity inside environments, idle stop and quotas (docs/host-integration.md).
 LSL_UID_BASE = env_int("LSL_UID_BASE", 10000, minimum=1000)  # default uid/gid = LSL_UID_BASE + user id
@@ -242,6 +300,17 @@ LSL_IDLE_CHECK_INTERVAL = env_float("LSL_IDLE_CHECK_INTERVAL", 60.0, minimum=0.1
 LSL_QUOTA_USER_ENVIRONMENTS = env_int("LSL_QUOTA_USER_ENVIRONMENTS", 0, minimum=0)  # 0 = unlimited
 LSL_QUOTA_USER_CPUS = env_float("LSL_QUOTA_USER_CPUS", 0.0, minimum=0)
 LSL_QUOTA_USER_MEMORY_MB = env_int("LSL_QUOTA_USER_MEMORY_MB", 0, minimum=0)
+# Disk: the total disk_mb of a user's environments (0 = unlimited), and objects a user may create
+# (issue 12: one user made 104 teams in 15 minutes). Staff are exempt from the object counts.
+LSL_QUOTA_USER_DISK_MB = env_int("LSL_QUOTA_USER_DISK_MB", 0, minimum=0)
+LSL_QUOTA_USER_TEAMS = env_int("LSL_QUOTA_USER_TEAMS", 10, minimum=0)
+LSL_QUOTA_USER_TEAM_VOLUMES = env_int("LSL_QUOTA_USER_TEAM_VOLUMES", 20, minimum=0)
+# A disk limit per environment (workspace volume + container layer); a template may set its own.
+# 0 = no limit. Hard on engines that support `storage_opt size` (the container layer only); measured
+# by the worker every LSL_DISK_CHECK_INTERVAL seconds everywhere, and an environment over it is stopped.
+LSL_DEFAULT_DISK_MB = env_int("LSL_DEFAULT_DISK_MB", 10240, minimum=0)
+LSL_DISK_CHECK_INTERVAL = env_float("LSL_DISK_CHECK_INTERVAL", 60.0, minimum=0)  # 0 = never measure
+LSL_DISK_GRACE = env_float("LSL_DISK_GRACE", 900.0, minimum=0)  # seconds to clean up after a disk stop
 
 LOGGING = {
     "version": 1,

@@ -3,11 +3,13 @@
 #
 #   lsl-test/busybox:latest   busybox-static rootfs (a few MB, instant)
 #   lsl-test/debian:bookworm  debootstrap minbase + sudo procps bash coreutils
-#                             python3-minimal (~30 s the first time; the rootfs
-#                             tarball is cached in var/cache/debian-bookworm.tar
+#                             python3-minimal less vim-tiny ca-certificates (~30 s
+#                             the first time; the rootfs tarball is cached in
+#                             var/cache/debian-bookworm-<packages key>.tar
 #                             so a rebuild after `docker rmi` is instant)
 #
-# Idempotent: an image that already exists (`docker image inspect`) is left
+# Idempotent: an image that already exists (for Debian: built from the current
+# package list, its lsl.test.packages label) is left
 # alone. Prints one line per image: built / present.
 # Needs root (or passwordless sudo) only to install busybox-static/debootstrap
 # and to run debootstrap. Mirror override: LSL_DEBIAN_MIRROR.
@@ -19,8 +21,12 @@ CACHE="$ROOT/var/cache"
 MIRROR="${LSL_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BUSYBOX_IMAGE="lsl-test/busybox:latest"
 DEBIAN_IMAGE="lsl-test/debian:bookworm"
-DEBIAN_TAR="$CACHE/debian-bookworm.tar"
-DEBIAN_PACKAGES="sudo,procps,bash,coreutils,python3-minimal"
+# What the default catalog's Debian template installs at first start (catalog/default.yaml), so the
+# tests can run that template offline with this image standing in for debian:bookworm.
+DEBIAN_PACKAGES="sudo,procps,bash,coreutils,python3-minimal,less,vim-tiny,ca-certificates"
+# The cached rootfs and the image are both keyed by the package list: change it and both are rebuilt.
+PACKAGES_KEY="$(printf '%s' "$DEBIAN_PACKAGES" | sha256sum | cut -c1-12)"
+DEBIAN_TAR="$CACHE/debian-bookworm-$PACKAGES_KEY.tar"
 
 die() { echo "build_test_images: ERROR: $*" >&2; exit 1; }
 
@@ -45,7 +51,10 @@ apt_install() {  # apt_install PACKAGE...
         || die "apt-get install $* failed"
 }
 
-have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+have_image() {
+    [ "$1" = "$DEBIAN_IMAGE" ] || { docker image inspect "$1" >/dev/null 2>&1; return; }
+    [ "$(docker image inspect --format '{{index .Config.Labels "lsl.test.packages"}}' "$1" 2>/dev/null)" = "$PACKAGES_KEY" ]
+}
 
 WORK=""
 cleanup() {
@@ -124,6 +133,7 @@ build_debian() {
     docker import \
         --change 'CMD ["/bin/bash"]' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change "LABEL lsl.test.packages=$PACKAGES_KEY" \
         "$DEBIAN_TAR" "$DEBIAN_IMAGE" >/dev/null
 }
 

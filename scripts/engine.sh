@@ -27,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         SUDO="sudo -n"
     else
-        die "the Docker engine is not reachable and starting one needs root (run this script as root, or start dockerd yourself)"
+        die "the Docker engine is not reachable and starting one needs root. Run: sudo bash scripts/engine.sh   (or start dockerd yourself)"
     fi
 fi
 

@@ -10,6 +10,7 @@ class ParticipationInline(admin.TabularInline):
     model = Participation
     extra = 0
     can_delete = False
+    max_num = 0  # a record of who was there: never added by hand
     readonly_fields = ["user", "role", "client_kind", "remote_addr", "joined_at", "left_at"]
 
 
@@ -17,6 +18,7 @@ class AuditEventInline(admin.TabularInline):
     model = AuditEvent
     extra = 0
     can_delete = False
+    max_num = 0  # an audit trail: never added or edited by hand
     readonly_fields = ["at", "kind", "user", "data"]
 
 
@@ -29,6 +31,9 @@ class TerminalSessionAdmin(admin.ModelAdmin):
                        "end_reason", "exit_code", "cols", "rows", "hub_channel", "hub_seen_at", "recording_link"]
     inlines = [ParticipationInline, AuditEventInline]
     actions = ["end_selected"]
+
+    def has_add_permission(self, request) -> bool:  # type: ignore[no-untyped-def]
+        return False  # sessions are opened from a terminal, where a hub runs them
 
     @admin.display(description="Recording")
     def recording_link(self, obj: TerminalSession) -> str:
@@ -47,3 +52,13 @@ class AuditEventAdmin(admin.ModelAdmin):
     list_display = ["at", "session", "kind", "user"]
     list_filter = ["kind"]
     readonly_fields = ["at", "session", "kind", "user", "data"]
+
+    # An audit trail is written by LSL only: no adding, editing or deleting from the admin.
+    def has_add_permission(self, request) -> bool:  # type: ignore[no-untyped-def]
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:  # type: ignore[no-untyped-def]
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:  # type: ignore[no-untyped-def]
+        return False

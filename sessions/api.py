@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Prefetch, QuerySet
 from django.http import FileResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied
@@ -19,6 +19,8 @@ from rest_framework.views import APIView
 from environments.models import Environment, Role, Status
 from environments.permissions import require_role, role_for
 from lsl_site.errors import Conflict
+from lsl_site.fields import StrictCharField
+from lsl_site.schema import flag_parameter, query_flag
 from sessions import services
 from sessions.models import Participation, TerminalSession
 from sessions.recording import recording_path
@@ -52,7 +54,7 @@ class SessionSerializer(serializers.ModelSerializer):
 
 
 class OpenSessionSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    name = StrictCharField(max_length=100, required=False, allow_blank=True, default="")
     cols = serializers.IntegerField(min_value=1, max_value=1000, required=False, default=80)
     rows = serializers.IntegerField(min_value=1, max_value=1000, required=False, default=24)
 
@@ -70,13 +72,13 @@ class EnvironmentSessionsView(APIView):
         require_role(request.user, env, needed)
         return env
 
-    @extend_schema(parameters=[OpenApiParameter("live", bool)], responses=SessionSerializer(many=True))
+    @extend_schema(parameters=[flag_parameter("live", "Only live sessions (true) or only ended ones (false); both if missing")],
+                   responses=SessionSerializer(many=True))
     def get(self, request: Request, env_id: Any) -> Response:
         env = self._env(request, env_id, Role.VIEWER)
         qs = TerminalSession.objects.filter(environment=env)
-        live = request.query_params.get("live")
-        if live is not None:
-            qs = qs.filter(ended_at__isnull=live.lower() in ("1", "true", "yes"))
+        if "live" in request.query_params:
+            qs = qs.filter(ended_at__isnull=query_flag(request, "live", default=True))
         return Response(SessionSerializer(_with_participants(qs)[:200], many=True, context={"request": request}).data)
 
     @extend_schema(request=OpenSessionSerializer, responses={201: SessionSerializer})

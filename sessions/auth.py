@@ -20,11 +20,23 @@ from lsl_site import dbpool
 from django.contrib.auth.models import AnonymousUser
 
 
-def _user_for_key(key: str) -> Any:
-    from accounts.auth import user_for_key
+def _user_for_key(key: str | None, meta: dict[str, str]) -> Any:
+    """The key's user, or None; a wrong key counts against the caller's address (accounts/auth.py),
+    and TooManyFailures is raised, the key unchecked, while that address is over its rate."""
+    from accounts.auth import user_for_key_throttled
 
-    result = user_for_key(key)
+    result = user_for_key_throttled(key, meta)
     return result[0] if result else None
+
+
+def _client_meta(scope: dict[str, Any]) -> dict[str, str]:
+    """What the HTTP side's throttles read (REMOTE_ADDR, X-Forwarded-For), from a websocket scope."""
+    client = scope.get("client") or ("", 0)
+    meta = {"REMOTE_ADDR": str(client[0] or "")}
+    forwarded = _header(scope, b"x-forwarded-for")
+    if forwarded is not None:
+        meta["HTTP_X_FORWARDED_FOR"] = forwarded
+    return meta
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -41,14 +53,22 @@ def _headers(scope: dict[str, Any], name: bytes) -> list[str]:
 class _TokenAuth:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.denier = WebsocketDenier.as_asgi()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         header = _header(scope, b"authorization")
         if header is not None:
-            from accounts.auth import parse_authorization
+            from accounts.auth import TooManyFailures, parse_authorization
 
             key = parse_authorization(header)
-            user = await dbpool.run(_user_for_key, key) if key else None
+            user = None
+            if key or header.split(" ", 1)[0].lower() == "token":
+                try:
+                    user = await dbpool.run(_user_for_key, key, _client_meta(scope))
+                except TooManyFailures:
+                    # The address is over its failed-authentication rate: refused before the handshake
+                    # (HTTP 403; a websocket handshake cannot answer 429 through the ASGI server).
+                    return await self.denier(scope, receive, send)
             scope = dict(scope, user=user or AnonymousUser(), auth_method="token")
             return await self.inner(scope, receive, send)
         return await self.inner(scope, receive, send)

@@ -106,6 +106,11 @@ class Browser:
         """Leave evidence: what the page looked like when a wait gave up."""
         self.screenshot("failed-" + "".join(c if c.isalnum() else "-" for c in what)[:60])
 
+    def csp_violations(self) -> list[str]:
+        """Content-Security-Policy violations chromium logged since the last look (reading empties the log):
+        a blocked script, style, connection or eval is a console error naming the policy."""
+        return [entry["message"] for entry in self.driver.get_log("browser") if "Content Security Policy" in entry["message"]]
+
     def terminal_text(self) -> str:
         return self.driver.execute_script("""
             const buffer = window.lslTerm.buffer.active, lines = [];

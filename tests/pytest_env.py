@@ -10,3 +10,4 @@ os.environ.setdefault("LSL_INSTANCE", f"test-{os.getpid()}")
 os.environ.setdefault("LSL_THROTTLE_USER", "100000/min")
 os.environ.setdefault("LSL_THROTTLE_ANON", "100000/min")
 os.environ.setdefault("LSL_THROTTLE_LOGIN", "100000/min")
+os.environ.setdefault("LSL_THROTTLE_AUTH_FAILURES", "100000/min")  # tests/test_throttling.py sets its own rates

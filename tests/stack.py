@@ -46,9 +46,11 @@ class Stack:
         assert result.returncode == 0, f"manage.py {args[0]} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
-    def start(self) -> "Stack":
+    def start(self, worker: bool = True) -> "Stack":
+        """`worker=False`: the web process only, so nothing queued (an environment created) is ever provisioned."""
         self.web = start_daphne(self.env, name=f"daphne-{self.instance}")
-        self.worker = start_worker(self.env, name=f"worker-{self.instance}")
+        if worker:
+            self.worker = start_worker(self.env, name=f"worker-{self.instance}")
         return self
 
     def stop(self) -> None:

@@ -85,6 +85,8 @@ def test_create_start_token_share_and_revoke(people: Any, browsers: Callable[[],
     alice.get("/")
     assert alice.text(f'tr[data-env="{env.id}"] .status') == "running"
     alice.screenshot("dashboard")
+    # Dashboard, environment, tokens (and the new key's page), sharing: all within the Content-Security-Policy.
+    assert alice.csp_violations() == [] and bob.csp_violations() == []
 
 
 def test_two_browsers_share_one_terminal(people: Any, make_env: Any, browsers: Callable[[], Browser]) -> None:
@@ -124,6 +126,9 @@ def test_two_browsers_share_one_terminal(people: Any, make_env: Any, browsers: C
     assert "read-only" in victor.text("#role-badge")
     alice.screenshot("terminal")
     victor.screenshot("terminal-viewer")
+    # xterm.js (its injected <style> elements included), the terminal's websocket and its input: nothing
+    # the page did was refused by the Content-Security-Policy.
+    assert alice.csp_violations() == [] and victor.csp_violations() == []
 
     # The dashboard lists the live session and who is in it; coming back restores the screen (snapshot).
     victor.get("/")
@@ -134,8 +139,13 @@ def test_two_browsers_share_one_terminal(people: Any, make_env: Any, browsers: C
 
     # The session ends for everyone when the shell exits; the recording replays from the environment page.
     typing.send_keys("exit 3", Keys.ENTER)
-    victor.wait(lambda d: "session ended (code 3)" in d.find_element(By.ID, "session-ended").text, timeout=15,
+    victor.wait(lambda d: "exit code 3" in d.find_element(By.ID, "session-ended").text, timeout=15,
                 what="victor sees the end")
+    assert "Session ended: the shell exited" in victor.text("#end-reason")
+    # Nobody is shown as still here, and a viewer is not offered a terminal they could not open.
+    assert "alice" not in victor.text("#participants") and "victor" not in victor.text("#participants")
+    assert not victor.driver.find_elements(By.ID, "new-terminal")
+    alice.wait(lambda d: d.find_element(By.ID, "new-terminal").is_displayed(), timeout=15, what="alice is offered a new terminal")
     victor.get(f"/environments/{env.id}/")
     victor.wait(lambda d: d.find_element(By.CSS_SELECTOR, "#sessions a.replay"), what="a replay link")
     assert not victor.driver.find_elements(By.ID, "open-terminal")  # viewers cannot open terminals
@@ -144,3 +154,54 @@ def test_two_browsers_share_one_terminal(people: Any, make_env: Any, browsers: C
                 what="the recording playing in the asciinema player")
     assert not victor.css("#player-error").is_displayed()
     victor.screenshot("replay")
+    assert victor.csp_violations() == []  # the replay page's player compiles WebAssembly: allowed there alone
+
+
+def test_api_docs_and_admin_work_under_the_policy(people: Any, browsers: Callable[[], Browser]) -> None:
+    """Swagger UI (served by this server, initialised by a script file) and Django admin, in a browser:
+    they render and work, and nothing they do is refused by the Content-Security-Policy."""
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.create_superuser("root", "root@example.com", "password-root")
+    root = browsers()
+    root.login("root", "password-root")
+    root.get("/api/docs/")
+    root.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#swagger-ui .opblock")) > 5, what="Swagger UI's operations")
+    operation = root.css("#swagger-ui .opblock-summary")
+    operation.click()  # expands, rendering the operation's parameters and responses
+    root.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#swagger-ui .opblock.is-open .responses-wrapper"),
+              what="an expanded operation")
+    root.screenshot("api-docs")
+    assert root.csp_violations() == []
+
+    root.get("/admin/auth/user/add/")
+    root.css("#id_username").send_keys("made-in-admin")
+    for field in ("#id_password1", "#id_password2"):
+        root.css(field).send_keys("a-long-password-1")
+    root.css("input[name=_save]").click()
+    root.wait(lambda d: "/change/" in d.current_url, what="the new user's change page")
+    root.get("/admin/auth/user/")
+    root.wait(lambda d: "made-in-admin" in d.find_element(By.ID, "result_list").text, what="the admin's user list")
+    root.css("#action-toggle").click()  # admin's actions.js: select all
+    assert root.css("#result_list input.action-select").is_selected()
+    assert root.csp_violations() == []
+
+
+def test_revoked_terminal_clears_presence_and_says_why(people: Any, make_env: Any, browsers: Callable[[], Browser]) -> None:
+    env = make_env(people.owner, name="revoke-term")
+    assert env.status == "running", env.last_error
+    grant_access(env, role=Role.MEMBER, user=people.member)
+    meg = browsers()
+    meg.login("meg", "password-meg")
+    meg.open_terminal(env.id)
+    meg.wait(lambda d: d.find_element(By.ID, "role-badge").text == "member", what="meg's hello")
+    meg.wait(lambda d: "meg" in d.find_element(By.ID, "participants").text, what="meg in her own presence list")
+
+    from environments.services import revoke_access
+    assert revoke_access(env, f"user-{people.member.pk}")
+    meg.wait(lambda d: "access to this environment was revoked" in d.find_element(By.ID, "session-ended").text,
+             timeout=20, what="meg is told her access was revoked")
+    assert "meg" not in meg.text("#participants")  # no stale presence
+    assert not meg.driver.find_elements(By.ID, "new-terminal")  # she may not open one any more
+    assert meg.text("#conn-status") == "no access"
+    assert meg.csp_violations() == []

@@ -121,8 +121,9 @@ def test_volumes_and_quotas(alice: Cli, people: Any) -> None:
     profile.save()
     TeamQuota.objects.create(team=people.team, environments=5, cpus=4, memory_mb=2048)
     answer = alice.json("quota")
-    assert answer["user"]["limits"] == {"environments": 3, "cpus": 2.0, "memory_mb": 1024}
+    assert answer["user"]["limits"] == {"environments": 3, "cpus": 2.0, "memory_mb": 1024, "disk_mb": 0,
+                                        "teams": 10, "team_volumes": 20}
     assert answer["teams"][0]["team"] == "platform" and answer["teams"][0]["limits"]["environments"] == 5
     shown = alice.ok("quota").stdout
-    assert re.search(r"^user\s+alice\s+0 / 3\s+0 / 2\s+0m / 1024m", shown, re.M), shown
+    assert re.search(r"^user\s+alice\s+0 / 3\s+0 / 2\s+0m / 1024m\s+0m / unlimited\s+1 / 10\s+0 / 20\s*$", shown, re.M), shown
     assert re.search(r"^team\s+platform\s+0 / 5\s+0 / 4\s+0m / 2048m", shown, re.M), shown

@@ -277,7 +277,8 @@ def test_team_volume_is_shared_by_the_team_and_refused_to_outsiders(people: Any,
     assert created.status_code == 201, created.content
     volume = created.json()
     assert runtime.volume_exists(volume["volume_name"])
-    assert mallory.post("/api/v1/volumes/", {"team": "platform", "name": "mine"}, format="json").status_code == 403
+    # A team mallory is not in is, to her, a team that does not exist: 400, never a 403 saying it does.
+    assert mallory.post("/api/v1/volumes/", {"team": "platform", "name": "mine"}, format="json").status_code == 400
     assert [v["name"] for v in bob.get("/api/v1/volumes/").json()["results"]] == ["shared"]
     assert mallory.get("/api/v1/volumes/").json()["results"] == []
 
@@ -360,7 +361,7 @@ def test_export_then_create_from_yaml_reproduces_the_environment(people: Any, ma
         text = exported.content.decode()
         assert yaml.safe_load(text) == {"version": 1, "environment": {
             "name": "original", "template": "debian", "team": "platform", "network": "none",
-            "resources": {"cpus": 0.5, "memory": "256m"},
+            "resources": {"cpus": 0.5, "memory": "256m", "disk": "10g"},  # disk: LSL_DEFAULT_DISK_MB
             "mounts": [{"source": str(tmp_path / "src"), "target": "/src", "read_only": True},
                        {"volume": "cache", "target": "/cache"}]}}
 
@@ -369,7 +370,7 @@ def test_export_then_create_from_yaml_reproduces_the_environment(people: Any, ma
         assert response.status_code == 202, response.content
         copy = wait_for_status(response.json()["id"], {"running", "error"})
         assert copy.status == "running", copy.last_error
-        for attr in ("template_id", "team_id", "network_mode", "cpus", "memory_mb", "pids", "image"):
+        for attr in ("template_id", "team_id", "network_mode", "cpus", "memory_mb", "disk_mb", "pids", "image"):
             assert getattr(copy, attr) == getattr(env, attr), attr
         assert copy.mounts == env.mounts and copy.name == "copy"
         info = runtime.inspect_container(copy.container_id)

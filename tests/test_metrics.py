@@ -1,4 +1,5 @@
-"""Prometheus `/metrics`: who may scrape, and what a scrape says about a real running environment.
+"""Prometheus `/metrics`: who may scrape (a bearer token or a staff session, never an address), and
+what a scrape says about a real running environment.
 
 Scrapes go through Django's test client and are parsed with prometheus_client's
 own parser, so a malformed exposition fails here rather than in Prometheus.
@@ -23,9 +24,27 @@ from sessions.models import Participation, TerminalSession
 ENV_LABELS = ("environment", "owner", "template")
 
 
-def scrape(remote_addr: str = "127.0.0.1", token: str | None = None) -> Any:
+TOKEN = "s3cret-metrics-token"
+
+
+@pytest.fixture(autouse=True)
+def _metrics_token(settings: Any) -> None:
+    """Scrapes here authenticate like Prometheus does; the access tests change or drop the token themselves."""
+    settings.LSL_METRICS_TOKEN = TOKEN
+
+
+def scrape(remote_addr: str = "127.0.0.1", token: str | None = TOKEN, *, client: Client | None = None) -> Any:
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token is not None else {}
-    return Client(REMOTE_ADDR=remote_addr).get("/metrics", **headers)
+    return (client or Client(REMOTE_ADDR=remote_addr)).get("/metrics", REMOTE_ADDR=remote_addr, **headers)
+
+
+def assert_refused(response: Any, status: int, *phrases: bytes) -> None:
+    """A refusal is plain text that says why, and never carries a metric."""
+    assert response.status_code == status, (response.status_code, response.content[:300])
+    assert response["Content-Type"].startswith("text/plain")
+    assert b"lsl_" not in response.content
+    for phrase in phrases:
+        assert phrase in response.content, response.content
 
 
 def parse(response: Any) -> dict[str, Any]:
@@ -48,31 +67,58 @@ def env_labels(env: Environment) -> dict[str, str]:
 
 # --- access -------------------------------------------------------------------------------
 
+LOCAL_ADDRESSES = ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1")
+
+
 @pytest.mark.django_db
-def test_without_a_token_only_loopback_may_scrape() -> None:
-    for address in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
-        assert scrape(address).status_code == 200, address
-    for address in ("10.1.2.3", "192.168.0.7", "::ffff:10.0.0.1", "2001:db8::1", ""):
-        denied = scrape(address)
-        assert denied.status_code == 403, address
-        assert denied["Content-Type"].startswith("text/plain")
-        assert b"LSL_METRICS_TOKEN" in denied.content
-    # A token is no way around the rule while none is configured.
-    assert scrape("10.1.2.3", token="anything").status_code == 403
+def test_loopback_alone_is_never_enough(settings: Any) -> None:
+    """Every process on the host, a host-network environment included, connects from loopback."""
+    for token in (TOKEN, ""):
+        settings.LSL_METRICS_TOKEN = token
+        for address in (*LOCAL_ADDRESSES, "10.1.2.3", ""):
+            denied = scrape(address, token=None)
+            assert_refused(denied, 401, b"LSL_METRICS_TOKEN", b"staff")
+            assert denied["WWW-Authenticate"].startswith("Bearer")
     assert Client(REMOTE_ADDR="127.0.0.1").post("/metrics").status_code == 405
 
 
 @pytest.mark.django_db
-@override_settings(LSL_METRICS_TOKEN="s3cret-metrics-token")
-def test_with_a_token_every_scrape_needs_it() -> None:
-    assert scrape("10.1.2.3", token="s3cret-metrics-token").status_code == 200
-    assert scrape("127.0.0.1", token="s3cret-metrics-token").status_code == 200
-    assert scrape("127.0.0.1").status_code == 403  # loopback is no longer enough
-    assert scrape("10.1.2.3", token="wrong").status_code == 403
-    assert scrape("10.1.2.3", token="s3cret-metrics-token-and-more").status_code == 403
-    other_scheme = Client(REMOTE_ADDR="10.1.2.3").get("/metrics", HTTP_AUTHORIZATION="Token s3cret-metrics-token")
-    assert other_scheme.status_code == 403 and b"Bearer" in other_scheme.content
-    assert b"lsl_build_info" in scrape("10.1.2.3", token="s3cret-metrics-token").content
+def test_wrong_tokens_are_refused() -> None:
+    assert scrape("127.0.0.1").status_code == 200
+    assert scrape("10.1.2.3").status_code == 200  # the address plays no part either way
+    for wrong in ("wrong", "", TOKEN + "-and-more", TOKEN[:-1], TOKEN.upper(), f"{TOKEN} {TOKEN}"):
+        assert_refused(scrape("127.0.0.1", token=wrong), 403, b"wrong bearer token")
+    # Another scheme (an API token, Basic) is not a bearer token.
+    for header in (f"Token {TOKEN}", f"Basic {TOKEN}", TOKEN):
+        other = Client(REMOTE_ADDR="127.0.0.1").get("/metrics", HTTP_AUTHORIZATION=header)
+        assert_refused(other, 401, b"Bearer")
+    assert b"lsl_build_info" in scrape("127.0.0.1").content
+
+
+@pytest.mark.django_db
+def test_no_token_is_accepted_while_none_is_configured(settings: Any) -> None:
+    """An unset LSL_METRICS_TOKEN must not turn into "any (or the empty) token matches"."""
+    settings.LSL_METRICS_TOKEN = ""
+    for token in ("", "anything", TOKEN):
+        assert_refused(scrape("127.0.0.1", token=token), 403, b"LSL_METRICS_TOKEN is not set")
+
+
+@pytest.mark.django_db
+def test_staff_sessions_may_scrape_and_members_may_not(people: Any, settings: Any) -> None:
+    for token in (TOKEN, ""):
+        settings.LSL_METRICS_TOKEN = token
+        staff = Client()
+        staff.force_login(people.staff)
+        assert b"lsl_build_info" in scrape("10.1.2.3", token=None, client=staff).content
+        for user in (people.owner, people.outsider):
+            member = Client()
+            member.force_login(user)
+            assert_refused(scrape("127.0.0.1", token=None, client=member), 403, b"is not staff",
+                           user.username.encode())
+        # Staff no more: the session stops working at once.
+        type(people.staff).objects.filter(pk=people.staff.pk).update(is_staff=False)
+        assert_refused(scrape("127.0.0.1", token=None, client=staff), 403, b"is not staff")
+        type(people.staff).objects.filter(pk=people.staff.pk).update(is_staff=True)
 
 
 @pytest.mark.django_db
@@ -80,7 +126,7 @@ def test_openmetrics_when_the_scraper_asks_for_it() -> None:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
     accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"  # Prometheus' header
-    response = Client(REMOTE_ADDR="127.0.0.1").get("/metrics", HTTP_ACCEPT=accept)
+    response = Client(REMOTE_ADDR="127.0.0.1").get("/metrics", HTTP_ACCEPT=accept, HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
     assert response.status_code == 200 and response["Content-Type"].startswith("application/openmetrics-text")
     families = {family.name: family for family in parse_openmetrics(response.content.decode())}
     assert families["lsl_environment_network_receive_bytes"].type == "counter"

@@ -285,3 +285,19 @@ def test_input_is_not_recorded_by_default(cast: Cast) -> None:
     recording = cast.api("alice", "get", f"sessions/{session['id']}/recording/").text.splitlines()
     assert all(json.loads(line)[1] != "i" for line in recording[1:])
     assert not AuditEvent.objects.filter(session_id=session["id"], kind="input").exists()
+
+
+def test_a_participant_who_leaves_is_gone_from_everyones_presence(cast: Cast) -> None:
+    """A browser that navigates away closes its websocket: the others' "here now" must drop it at once."""
+    session = cast.open_session()
+    alice = cast.join(session, "alice")
+    bob = cast.join(session, "bob")
+
+    def here(c: TermClient) -> set[str] | None:
+        latest = [e for e in c.events if e["type"] == "presence"]
+        return {p["user"] for p in latest[-1]["participants"]} if latest else None
+
+    alice.wait(lambda c: here(c) == {"alice", "bob"}, what="bob in alice's presence")
+    bob.close()
+    alice.wait(lambda c: here(c) == {"alice"}, timeout=5, what="bob gone from alice's presence")
+    alice.close()

@@ -379,7 +379,8 @@ def test_monitor_page_is_for_staff(world: World) -> None:
         assert has_id(page, tile), tile
     assert f'data-env="{world.env.id}"' in page and "pairing" in page  # every environment, with its live sessions
     assert f'href="/environments/{world.env.id}/monitor/"' in page
-    assert "frontend/dist/monitor.js" in page and 'mountMonitor({mode: "host"})' in page
+    # The bundle, and page.js to start it (data-page says how: templates carry no inline script).
+    assert "frontend/dist/monitor.js" in page and "frontend/dist/page.js" in page and 'data-page="monitor"' in page
     assert 'id="nav-monitor"' in page
 
     for who in ("owner", "viewer", "admin", "outsider"):
@@ -518,3 +519,79 @@ def test_start_refused_by_quota_shows_the_message_not_a_500(people: Any, make_en
     page = html(refused)
     assert "Could not start web-quota-1" in page and "quota exceeded: cpus:" in page
     assert Environment.objects.get(pk=first.id).status == "stopped"
+
+
+def html_of(client: Client, url: str) -> str:
+    response = client.get(url)
+    assert response.status_code == 200, (url, response.status_code)
+    return response.content.decode()
+
+
+def test_dashboard_and_environment_page_show_failures_as_failures(world: World) -> None:
+    template = world.env.template
+    failed = Environment.objects.create(name="broken", owner=world.people.owner, template=template, image=template.image,
+                                        status="error", last_error="container could not start: no such image",
+                                        cpus=0.5, memory_mb=256, pids=128, workspace_volume="lsl-ws-broken")
+    Environment.objects.filter(pk=world.env.pk).update(stop_reason="disk", last_error="disk limit exceeded")
+    page = html_of(world.client("owner"), "/")
+    broken_row = re.search(rf'<tr data-env="{failed.id}" class="([^"]*)">(.*?)</tr>', page, re.S)
+    assert broken_row and broken_row.group(1) == "error"
+    assert "status-error" in broken_row.group(2) and "container could not start: no such image" in broken_row.group(2)
+    disk_row = re.search(rf'<tr data-env="{world.env.id}" class="([^"]*)">(.*?)</tr>', page, re.S)
+    assert disk_row and disk_row.group(1) == "failed"
+    assert "status-stopped status-failed" in disk_row.group(2)
+    assert "disk limit" in disk_row.group(2) and "disk limit exceeded" in disk_row.group(2)
+    detail = html_of(world.client("owner"), world.env_url)
+    assert re.search(r'id="env-status" class="status status-stopped status-failed"', detail)
+    assert "disk limit exceeded" in detail
+    # A plain stop is no failure.
+    Environment.objects.filter(pk=world.env.pk).update(stop_reason="stopped", last_error="")
+    page = html_of(world.client("owner"), "/")
+    assert f'<tr data-env="{world.env.id}" class="">' in page and "status-failed" not in page.split("broken")[0]
+
+
+def test_nav_admin_link_only_for_staff_and_docs_for_everyone(world: World) -> None:
+    staff = html_of(world.client("staff"), "/")
+    assert 'id="nav-admin"' in staff and 'href="/admin/"' in staff
+    for who in ("owner", "member", "viewer"):
+        page = html_of(world.client(who), "/")
+        assert 'id="nav-admin"' not in page
+        assert 'id="nav-docs"' in page and 'href="/docs/"' in page
+    assert 'id="nav-docs"' in html_of(world.client("anonymous"), "/login/")
+
+
+def test_favicon_is_linked_and_served(world: World) -> None:
+    from django.contrib.staticfiles import finders
+
+    page = html_of(world.client("owner"), "/")
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', page)
+    assert icon and icon.group(1).endswith("frontend/favicon.svg")
+    assert finders.find("frontend/favicon.svg")
+    response = world.client("anonymous").get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"] == icon.group(1)
+
+
+def test_dates_are_time_elements_in_utc_for_the_browser_to_localize(world: World) -> None:
+    page = html_of(world.client("owner"), world.env_url)
+    created = re.search(r'<dt>Created</dt><dd><time datetime="([^"]+)">([^<]+)</time>', page)
+    assert created and created.group(1).endswith("+00:00") and created.group(2).endswith(" UTC")
+    assert world.env.created_at.strftime("%Y-%m-%d %H:%M") in created.group(2)
+    world.client("owner").post("/tokens/", {"name": "dated", "expires_in_days": 30})
+    tokens = html_of(world.client("owner"), "/tokens/")
+    assert re.search(r'<time datetime="[^"]+" data-date>\d{4}-\d\d-\d\d</time>', tokens)  # expiry: a day
+    assert "<time datetime=" in html_of(world.client("owner"), "/teams/") or "no-teams" in html_of(world.client("owner"), "/teams/")
+
+
+def test_monitor_page_says_how_metrics_are_reached(world: World) -> None:
+    page = html_of(world.client("staff"), "/monitor/")
+    assert "loopback" not in page
+    assert "Authorization: Bearer $LSL_METRICS_TOKEN" in page
+
+
+def test_terminal_page_knows_whether_the_user_may_open_a_new_terminal(world: World) -> None:
+    url = f"/sessions/{world.session.id}/"
+    assert 'data-can-open="true"' in html_of(world.client("member"), url)
+    assert 'data-can-open="false"' in html_of(world.client("viewer"), url)
+    page = html_of(world.client("member"), url)
+    for control in ("term-copy", "term-search", "term-font-down", "term-font-up", "size-cue"):
+        assert f'id="{control}"' in page

@@ -4,7 +4,7 @@
 // on a status change: the controls are redrawn in place.
 //
 // Exposes window.LSL.mountEnvironment({envId, role, canUse, canAdmin}); the page calls it once.
-import { describeProgress, describeStopReason, h } from "./render.js";
+import { describeProgress, describeStopReason, h, statusClass, timeElement } from "./render.js";
 import { describeStreamState, environmentIdOf, openEventStream, pageCursor } from "./events.js";
 
 function mountEnvironment({ envId, role, canUse, canAdmin }) {
@@ -53,7 +53,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
   function applyEnvironment(env) {
     if (gone) return;
     statusEl.textContent = env.status;
-    statusEl.className = `status status-${env.status}`;
+    statusEl.className = statusClass(env);
     const reason = env.status === "running" || env.status === "creating" ? null : describeStopReason(env.stop_reason);
     reasonEl.hidden = !reason;
     reasonEl.textContent = reason ? reason.text : "";
@@ -122,7 +122,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
       return h("tr", { dataset: { session: s.id }, className: s.live ? "session-live" : "session-ended" },
         h("td", {}, s.name || s.id.slice(0, 8)),
         h("td", {}, s.creator || ""),
-        h("td", {}, s.created_at ? new Date(s.created_at).toLocaleString() : ""),
+        h("td", {}, s.created_at ? timeElement(s.created_at) : ""),
         h("td", {}, state),
         h("td", {}, h("span", {}, (s.participants || []).map((p) => h("span", { className: "chip", title: `${p.role} via ${p.client}` }, p.user)))),
         h("td", { className: "actions" }, h("span", {}, action)));

@@ -16,11 +16,17 @@
 // window.lslMonitor.samples counts successful polls (the browser tests wait on it).
 import uPlot from "uplot";
 import { describeStreamState, environmentIdOf, openEventStream, pageCursor, pollingDisabled } from "./events.js";
-import { applySessionEvent, describeStopReason, formatBytes, h, renderStatusCell, sessionLine, sessionsFromCell } from "./render.js";
+import { applySessionEvent, describeStopReason, formatBytes, h, renderStatusCell, sessionLine, sessionsFromCell, statusClass, timeElement } from "./render.js";
 
 const POLL_MS = 2000;
 const WINDOW_SECONDS = 5 * 60;
 const CHART_HEIGHT = 190;
+// Chart colours follow the page's theme (lsl.css variables, dark mode included) at every redraw (every sample).
+function cssVar(name, fallback) {
+  const value = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+  return value || fallback;
+}
+
 const PALETTE = ["#2f6fde", "#1f8a4c", "#c93b3b", "#b7791f", "#7b4fd6", "#0f8b8d", "#d6477f", "#5a6072"];
 
 // --- formatting ---------------------------------------------------------------------------
@@ -140,8 +146,8 @@ class Chart {
         y: { range: (u, min, max) => [0, Math.max(softMax, (max || 0) * 1.15)] },
       },
       axes: [
-        { stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
-        { stroke: "#6b7385", grid: { stroke: "#eef0f4" }, size: 78, values: (u, splits) => splits.map((v) => format(v)) },
+        { stroke: () => cssVar("--muted", "#6b7385"), grid: { stroke: () => cssVar("--line", "#eef0f4") } },
+        { stroke: () => cssVar("--muted", "#6b7385"), grid: { stroke: () => cssVar("--line", "#eef0f4") }, size: 78, values: (u, splits) => splits.map((v) => format(v)) },
       ],
       series: [
         { value: (u, v) => (v == null ? "—" : new Date(v * 1000).toLocaleTimeString()) },
@@ -452,7 +458,7 @@ function environmentView(envId) {
 
   function renderStatus() {
     statusEl.textContent = env.status;
-    statusEl.className = `status status-${env.status}`;
+    statusEl.className = statusClass(env);
     if (!reasonEl) return;
     const reason = env.status === "running" || env.status === "creating" ? null : describeStopReason(env.stop_reason);
     reasonEl.hidden = !reason;
@@ -474,7 +480,7 @@ function environmentView(envId) {
     setTile("env-pids", s ? String(s.pids) : "—", s ? `of ${limits.pids} allowed` : idle, s && limits.pids ? s.pids / limits.pids : 0);
     const running = env.status === "running";
     setTile("env-uptime", running ? formatDuration(env.uptime_seconds) : "—",
-      running && env.started_at ? `since ${new Date(env.started_at).toLocaleString()}` : "not running");
+      running && env.started_at ? `since ${timeElement(env.started_at).textContent}` : "not running");
   }
 
   function renderSessions() {
@@ -487,7 +493,7 @@ function environmentView(envId) {
     for (const s of sessions) {
       sessionsBody.appendChild(h("tr", { dataset: { session: s.id } },
         h("td", {}, h("a", { href: `/sessions/${s.id}/` }, s.name || s.id.slice(0, 8))),
-        h("td", {}, s.created_at ? new Date(s.created_at).toLocaleString() : ""),
+        h("td", {}, s.created_at ? timeElement(s.created_at) : ""),
         h("td", {}, s.participants.length
           ? s.participants.map((p) => h("span", { className: "chip", title: `${p.role} via ${p.client}` }, `${p.user} · ${p.role} · ${p.client}`))
           : h("span", { className: "muted" }, "nobody attached"))));

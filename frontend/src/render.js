@@ -20,6 +20,19 @@ export function h(tag, props, ...children) {
   return node;
 }
 
+// A date in the one convention (page.js localizes the server-rendered ones the same way): browser-local
+// time as text, UTC in the title, the ISO timestamp in datetime.
+const pad2 = (n) => String(n).padStart(2, "0");
+export function timeElement(iso) {
+  const date = new Date(iso);
+  if (!iso || Number.isNaN(date.getTime())) return document.createTextNode("");
+  const text = `${date.getFullYear()}-${pad2(date.getMonth() + 1)}-${pad2(date.getDate())} ${pad2(date.getHours())}:${pad2(date.getMinutes())}`;
+  const utc = `${date.getUTCFullYear()}-${pad2(date.getUTCMonth() + 1)}-${pad2(date.getUTCDate())} ${pad2(date.getUTCHours())}:${pad2(date.getUTCMinutes())} UTC`;
+  const node = h("time", { datetime: iso, title: utc }, text);
+  node.dataset.local = "";
+  return node;
+}
+
 export function formatBytes(n) {
   if (n == null || !Number.isFinite(n)) return "—";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -39,6 +52,7 @@ export function describeStopReason(reason) {
   if (reason === "idle") return { text: "idle", title: "Stopped automatically after being idle", bad: false };
   if (reason === "killed") return { text: "killed", title: "Its container was killed (SIGKILL, e.g. docker kill)", bad: true };
   if (reason === "oom") return { text: "out of memory", title: "The kernel killed it: it ran out of memory (oom)", bad: true };
+  if (reason === "disk") return { text: "disk limit", title: "Stopped by LSL: over its disk limit (nothing was deleted; start it, then delete files)", bad: true };
   if (reason === "removed") return { text: "container removed", title: "Its container was removed outside LSL; starting it makes a new one", bad: true };
   const exited = /^exited (-?\d+)$/.exec(reason);
   if (exited) {
@@ -80,8 +94,23 @@ export function describeProgress(progress) {
 
 // --- the status cell: pill + the one line that explains it ---------------------------------------
 
-export function statusPill(status) {
-  return h("span", { className: `status status-${status}` }, status);
+// "error" (red), "failed" (stopped with an error or an abnormal reason: amber) or "" — mirrors failure() in
+// templatetags/lsl_live.py.
+export function failureOf(env) {
+  if (env.status === "error" || env.status === "missing") return "error";
+  if (env.status === "stopped") {
+    const reason = describeStopReason(env.stop_reason);
+    if (env.last_error || (reason && reason.bad)) return "failed";
+  }
+  return "";
+}
+
+export function statusClass(env) {
+  return `status status-${env.status}${failureOf(env) === "failed" ? " status-failed" : ""}`;
+}
+
+export function statusPill(status, env) {
+  return h("span", { className: env ? statusClass(env) : `status status-${status}` }, status);
 }
 
 function stopReasonChip(reason) {
@@ -107,7 +136,13 @@ export function renderStatusCell(cell, env) {
   const signature = JSON.stringify([env.status, env.stop_reason, env.last_error, env.status === "creating" ? env.progress : null]);
   if (cell.dataset.signature === signature) return;
   cell.dataset.signature = signature;
-  cell.replaceChildren(statusPill(env.status), ...statusDetails(env));
+  cell.replaceChildren(statusPill(env.status, env), ...statusDetails(env));
+  const row = cell.closest("tr");
+  if (row) {
+    const failure = failureOf(env);
+    row.classList.toggle("failed", failure === "failed");
+    row.classList.toggle("error", failure === "error");
+  }
 }
 
 // --- live sessions in a table cell (dashboard and staff monitor) ----------------------------------

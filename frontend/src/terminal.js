@@ -11,6 +11,7 @@
 import { Terminal } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 import { WebLinksAddon } from "@xterm/addon-web-links";
+import { SearchAddon } from "@xterm/addon-search";
 import { GIVE_UP_AFTER_MS, ReconnectPolicy } from "./reconnect.js";
 
 const EMPTY = new Uint8Array(0);
@@ -20,13 +21,39 @@ const PING_EVERY_MS = 25000;
 const PONG_TIMEOUT_MS = 10000;
 // Keystrokes held while reconnecting; beyond this they are dropped, and the banner says so.
 const INPUT_BUFFER = 4096;
+// Font size: A−/A+ in the toolbar, remembered in this browser.
+const FONT_KEY = "lsl-term-font-size";
+const FONT_MIN = 9;
+const FONT_MAX = 28;
+const FONT_DEFAULT = 14;
+
+// exit/session.ended reasons (docs/protocol.md §2) → a sentence for the person.
+const END_REASONS = {
+  exited: "the shell exited",
+  ended: "it was closed",
+  idle: "it was idle for too long",
+  environment_stopped: "the environment was stopped",
+  environment_deleted: "the environment was deleted",
+  access_revoked: "your access to the environment was revoked",
+  server_error: "the server hit an error",
+  server_lost: "the server lost track of the shell",
+};
+
+function storedFontSize() {
+  try {
+    const n = Number(window.localStorage.getItem(FONT_KEY));
+    return Number.isFinite(n) && n >= FONT_MIN && n <= FONT_MAX ? n : FONT_DEFAULT;
+  } catch (e) {
+    return FONT_DEFAULT;
+  }
+}
 
 function el(id) {
   return document.getElementById(id);
 }
 
 function mountTerminal(options) {
-  const { sessionId, container, replayUrl } = options;
+  const { sessionId, container, replayUrl, envId, envUrl, canOpen } = options;
   const ui = {
     role: el("role-badge"),
     conn: el("conn-status"),
@@ -34,18 +61,23 @@ function mountTerminal(options) {
     typing: el("typing"),
     ended: el("session-ended"),
     size: el("term-size"),
+    sizeCue: el("size-cue"),
   };
+  let me = null; // our username (hello)
+  let participants = [];
 
   const term = new Terminal({
     cursorBlink: true,
     scrollback: 5000,
     fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, monospace',
-    fontSize: 14,
+    fontSize: storedFontSize(),
     theme: { background: "#0f1419", foreground: "#e6e1cf" },
   });
   const fit = new FitAddon();
   term.loadAddon(fit);
   term.loadAddon(new WebLinksAddon());
+  const search = new SearchAddon();
+  term.loadAddon(search);
   term.open(container);
   window.lslTerm = term;
 
@@ -187,6 +219,30 @@ function mountTerminal(options) {
   function applySize(cols, rows) {
     if (cols > 0 && rows > 0 && (cols !== term.cols || rows !== term.rows)) term.resize(cols, rows);
     if (ui.size) ui.size.textContent = `${term.cols}×${term.rows}`;
+    updateSizeCue();
+  }
+
+  // The session's size is the smallest writer's (docs/protocol.md §2): when that is smaller than this
+  // window, say whose window it is, so an unused margin is not a mystery.
+  function updateSizeCue() {
+    if (!ui.sizeCue) return;
+    const mine = fitSize();
+    const smaller = !over && (term.cols < mine.cols || term.rows < mine.rows);
+    if (!smaller) {
+      ui.sizeCue.hidden = true;
+      ui.sizeCue.textContent = "";
+      return;
+    }
+    const writers = participants.filter((p) => p.role !== "viewer");
+    const others = [...new Set(writers.filter((p) => p.user !== me).map((p) => p.user))];
+    const size = `${term.cols}×${term.rows}`;
+    let whose;
+    if (others.length === 1) whose = `${others[0]}'s window`;
+    else if (others.length > 1) whose = `the smallest window (${others.join(", ")})`;
+    else whose = "another window of yours";
+    ui.sizeCue.textContent = `sized to ${whose} (${size})`;
+    ui.sizeCue.title = "A session takes the size of its smallest writer's terminal; the rest of yours stays empty.";
+    ui.sizeCue.hidden = false;
   }
 
   function ack(gen, total, force) {
@@ -212,6 +268,7 @@ function mountTerminal(options) {
   }
 
   function renderParticipants(list, lastTypedBy) {
+    participants = list;
     ui.participants.replaceChildren();
     for (const p of list) {
       const li = document.createElement("li");
@@ -232,29 +289,106 @@ function mountTerminal(options) {
       ui.participants.appendChild(li);
     }
     if (ui.typing) ui.typing.textContent = lastTypedBy ? `last typed: ${lastTypedBy}` : "";
+    updateSizeCue();
   }
 
-  function showEnded(code, reason) {
+  // Nobody is "here now" in a session that is over (or that we may no longer see).
+  function clearPresence(text) {
+    participants = [];
+    const li = document.createElement("li");
+    li.className = "muted small";
+    li.textContent = text;
+    ui.participants.replaceChildren(li);
+    if (ui.typing) ui.typing.textContent = "";
+    if (ui.sizeCue) ui.sizeCue.hidden = true;
+  }
+
+  async function openNewTerminal(button) {
+    button.disabled = true;
+    const size = fitSize();
+    const result = await window.lslApi("POST", `/api/v1/environments/${envId}/sessions/`, { cols: size.cols, rows: size.rows });
+    if (result.ok && result.data && result.data.id) {
+      window.location.assign(`/sessions/${result.data.id}/`);
+      return;
+    }
+    button.disabled = false;
+    const detail = (result.data && (result.data.detail || result.data.message)) || `HTTP ${result.status}`;
+    const note = document.createElement("span");
+    note.className = "field-error";
+    note.textContent = `Could not open a terminal: ${detail}`;
+    button.insertAdjacentElement("afterend", note);
+  }
+
+  // The end of the session (or of our access): why, and what to do next.
+  function showOver(headline, detail, { offerNew, offerReplay }) {
     over = true;
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
     hideBanner();
     discardHeld();
-    const what = code === null || code === undefined ? "session ended" : `session ended (code ${code})`;
+    clearPresence(offerNew || offerReplay ? "nobody: the session is over" : "—");
     ui.ended.hidden = false;
     ui.ended.replaceChildren();
     const text = document.createElement("span");
-    text.textContent = reason && reason !== "exited" ? `${what} — ${reason.replace(/_/g, " ")}` : what;
+    text.className = "end-reason";
+    text.id = "end-reason";
+    text.textContent = headline;
+    if (detail) {
+      const small = document.createElement("small");
+      small.textContent = detail;
+      text.appendChild(small);
+    }
     ui.ended.appendChild(text);
-    if (replayUrl) {
+    if (offerNew && canOpen && envId) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.id = "new-terminal";
+      button.className = "primary small";
+      button.textContent = "Open a new terminal";
+      button.addEventListener("click", () => openNewTerminal(button));
+      ui.ended.appendChild(button);
+    }
+    if (offerReplay && replayUrl) {
       const a = document.createElement("a");
       a.href = replayUrl;
-      a.textContent = "watch the recording";
-      ui.ended.append(" · ", a);
+      a.className = "button small";
+      a.textContent = "Watch the recording";
+      ui.ended.appendChild(a);
+    }
+    if (envUrl && offerNew) {
+      const back = document.createElement("a");
+      back.href = envUrl;
+      back.className = "button small";
+      back.textContent = "Back to the environment";
+      ui.ended.appendChild(back);
     }
     term.options.disableStdin = true;
     term.options.cursorBlink = false;
+  }
+
+  function showEnded(code, reason, by) {
+    if (reason === "access_revoked") {
+      showRevoked();
+      return;
+    }
+    // Worded like the CLI's end line (lsl/shell.py end_text).
+    let why = END_REASONS[reason] || (reason ? reason.replace(/_/g, " ") : "");
+    if (reason === "ended" && by) why = `ended by ${by}`;
+    const showCode = (reason === "exited" || !reason) && code !== null && code !== undefined;
+    const codeText = showCode ? ` (exit code ${code})` : "";
+    const headline = `Session ended${why ? `: ${why}` : ""}${codeText}.`;
+    const gone = reason === "environment_deleted";
+    const detail = gone ? "" : reason === "environment_stopped"
+      ? "Start the environment again to open a new terminal."
+      : "The environment is still there: open a new terminal to carry on.";
+    showOver(headline, detail, { offerNew: !gone, offerReplay: true });
     setConn("ended", "ended");
+  }
+
+  function showRevoked() {
+    showOver("Your access to this environment was revoked.", "Ask its owner or an admin to share it with you again.",
+      { offerNew: false, offerReplay: false });
+    setConn("no access", "ended");
   }
 
   function onControl(msg) {
@@ -264,6 +398,7 @@ function mountTerminal(options) {
         restarting = false;
         hideBanner();
         canWrite = !!msg.can_write;
+        me = msg.user;
         if (msg.window) ackEvery = Math.max(1024, Math.floor(msg.window / 4));
         term.options.disableStdin = !canWrite;
         ui.role.textContent = canWrite ? msg.role : "read-only";
@@ -292,7 +427,7 @@ function mountTerminal(options) {
         renderParticipants(msg.participants || [], msg.last_typed_by);
         break;
       case "exit":
-        showEnded(msg.code, msg.reason);
+        showEnded(msg.code, msg.reason, msg.by || msg.ended_by);
         break;
       case "error":
         if (msg.code === "read_only") setConn("read-only: input ignored", "warn");
@@ -315,12 +450,7 @@ function mountTerminal(options) {
         signal: abort.signal,
       });
       if (r.status === 404 || r.status === 403) {
-        over = true;
-        hideBanner();
-        discardHeld();
-        ui.ended.hidden = false;
-        ui.ended.textContent = "You no longer have access to this session.";
-        setConn("no access", "ended");
+        showRevoked();
         return true;
       }
       if (r.ok) {
@@ -386,13 +516,12 @@ function mountTerminal(options) {
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
     discardHeld();
-    if (code === 4403 || code === 4410) {
-      over = true;
-      hideBanner();
-      ui.ended.hidden = false;
-      ui.ended.textContent = code === 4403 ? "Your access to this environment was revoked." : "session ended";
-      term.options.disableStdin = true;
-      setConn("closed", "ended");
+    if (code === 4403) {
+      showRevoked();
+      return;
+    }
+    if (code === 4410) {
+      showEnded(null, null);
       return;
     }
     // Not something waiting fixes (a normal close without `exit`, kicked twice for falling behind, an
@@ -490,6 +619,7 @@ function mountTerminal(options) {
         const size = fitSize();
         send({ type: "resize", cols: size.cols, rows: size.rows });
       }
+      updateSizeCue();
     }, 150);
   });
 
@@ -502,9 +632,87 @@ function mountTerminal(options) {
     }
   });
 
+  // --- toolbar: copy, search, font size ---------------------------------------------------------
+  async function copySelection() {
+    const text = term.getSelection();
+    const button = el("term-copy");
+    if (!text) {
+      if (button) button.textContent = "Select text first";
+    } else {
+      try {
+        await navigator.clipboard.writeText(text);
+        if (button) button.textContent = "Copied";
+      } catch (e) {
+        if (button) button.textContent = "Copy blocked";
+      }
+    }
+    if (button) setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    term.focus();
+  }
+
+  const searchInput = el("term-search");
+  const searchOptions = { caseSensitive: false }; // a match is selected (and scrolled to)
+  function find(backwards) {
+    const query = searchInput ? searchInput.value : "";
+    if (!query) {
+      search.clearDecorations();
+      return;
+    }
+    const found = backwards ? search.findPrevious(query, searchOptions) : search.findNext(query, searchOptions);
+    if (searchInput) searchInput.classList.toggle("no-match", !found);
+  }
+  if (searchInput) {
+    searchInput.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        find(event.shiftKey);
+      } else if (event.key === "Escape") {
+        search.clearDecorations();
+        term.focus();
+      }
+    });
+    searchInput.addEventListener("input", () => find(false));
+  }
+  const on = (id, handler) => {
+    const node = el(id);
+    if (node) node.addEventListener("click", handler);
+  };
+  on("term-copy", copySelection);
+  on("term-search-next", () => find(false));
+  on("term-search-prev", () => find(true));
+
+  function setFontSize(size) {
+    const next = Math.max(FONT_MIN, Math.min(FONT_MAX, size));
+    term.options.fontSize = next;
+    try { window.localStorage.setItem(FONT_KEY, String(next)); } catch (e) { /* storage disabled */ }
+    // A new font size is a new window size in cells: writers report it (the server answers with the effective size).
+    if (canWrite && !over) {
+      const fitted = fitSize();
+      send({ type: "resize", cols: fitted.cols, rows: fitted.rows });
+    }
+    updateSizeCue();
+  }
+  on("term-font-down", () => setFontSize(term.options.fontSize - 1));
+  on("term-font-up", () => setFontSize(term.options.fontSize + 1));
+
+  term.attachCustomKeyEventHandler((event) => {
+    if (event.type !== "keydown" || !event.ctrlKey || !event.shiftKey) return true;
+    const key = event.key.toLowerCase();
+    if (key === "c") {
+      copySelection();
+      return false;
+    }
+    if (key === "f" && searchInput) {
+      searchInput.focus();
+      searchInput.select();
+      return false;
+    }
+    return true;
+  });
+
   connect();
   term.focus();
   return term;
 }
 
-window.LSL = Object.assign(window.LSL || {}, { Terminal, FitAddon, WebLinksAddon, mountTerminal });
+window.LSL = Object.assign(window.LSL || {}, { Terminal, FitAddon, WebLinksAddon, SearchAddon, mountTerminal });

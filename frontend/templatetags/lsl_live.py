@@ -10,6 +10,11 @@ import re
 from typing import Any
 
 from django import template
+from datetime import timezone as dt_timezone
+
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
 register = template.Library()
 
@@ -37,6 +42,9 @@ def stop_reason(reason: str) -> dict[str, Any] | None:
         return {"text": "killed", "title": "Its container was killed (SIGKILL, e.g. docker kill)", "bad": True}
     if reason == "oom":
         return {"text": "out of memory", "title": "The kernel killed it: it ran out of memory (oom)", "bad": True}
+    if reason == "disk":
+        return {"text": "disk limit", "title": "Stopped by LSL: over its disk limit (nothing was deleted; start it, "
+                "then delete files)", "bad": True}
     if reason == "removed":
         return {"text": "container removed", "title": "Its container was removed outside LSL; starting it makes a new one",
                 "bad": True}
@@ -67,7 +75,36 @@ def progress_text(progress: dict[str, Any] | None) -> str:
     return {"creating": "creating the container", "user": "creating the user"}.get(phase, phase)
 
 
+def failure(env: Any) -> str:
+    """"error" (red), "failed" (a stop with an error or an abnormal reason: amber) or "" (nothing wrong).
+    Mirrors failureOf() in frontend/src/render.js."""
+    if env.status in ("error", "missing"):
+        return "error"
+    if env.status == "stopped":
+        reason = stop_reason(env.stop_reason)
+        if env.last_error or (reason and reason["bad"]):
+            return "failed"
+    return ""
+
+
+@register.filter
+def failure_class(env: Any) -> str:
+    return failure(env)
+
+
 @register.inclusion_tag("frontend/_status_cell.html")
 def status_cell(env: Any) -> dict[str, Any]:
     """The pill and the line that explains it (why it stopped, what failed, how far creating got)."""
-    return {"env": env, "reason": stop_reason(env.stop_reason) if env.status not in ("running", "creating") else None}
+    return {"env": env, "failed": failure(env) == "failed",
+            "reason": stop_reason(env.stop_reason) if env.status not in ("running", "creating") else None}
+
+
+@register.filter
+def when(value: Any, arg: str = "") -> SafeString | str:
+    """A <time> in the one date convention (docs: README "Web app"): the server writes UTC, page.js turns it into
+    the browser's local time with the UTC time in the title. `|when:"date"` shows the day only."""
+    if not value:
+        return ""
+    utc = value.astimezone(dt_timezone.utc) if timezone.is_aware(value) else value
+    text = utc.strftime("%Y-%m-%d") if arg == "date" else utc.strftime("%Y-%m-%d %H:%M UTC")
+    return format_html('<time datetime="{}"{}>{}</time>', utc.isoformat(), " data-date" if arg == "date" else "", text)
