@@ -30,7 +30,7 @@ from environments.models import Environment, Role, SetupStatus, Status, TeamVolu
 from environments.permissions import require_role, role_for
 from environments.serializers import EnvironmentSerializer, TemplateSerializer
 from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField
-from lsl_site.schema import SLUG, flag_parameter, query_flag
+from lsl_site.schema import NO_NUL, SLUG, flag_parameter, query_flag
 
 
 def environment_for(request: Request, pk: Any, needed: Role) -> Environment:
@@ -169,9 +169,11 @@ class ExportView(APIView):
 
 
 class YamlTextParser(BaseParser):
-    """A raw YAML body (`Content-Type: application/yaml`, `text/yaml` or `text/plain`)."""
+    """A raw YAML body (`Content-Type: application/yaml`; the other YAML spellings below). Only these
+    types: a parser for `*/*` read any body (a multipart form, say) as YAML, which the schema could not
+    describe and which named the wrong problem."""
 
-    media_type = "*/*"
+    media_type = "application/yaml"
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> dict[str, Any]:
         raw = stream.read() if stream is not None else b""
@@ -181,6 +183,21 @@ class YamlTextParser(BaseParser):
             from rest_framework.exceptions import ParseError
 
             raise ParseError("the environment file is not valid UTF-8") from None
+
+
+class XYamlTextParser(YamlTextParser):
+    media_type = "application/x-yaml"
+
+
+class TextYamlParser(YamlTextParser):
+    media_type = "text/yaml"
+
+
+class PlainTextYamlParser(YamlTextParser):
+    media_type = "text/plain"
+
+
+YAML_MEDIA_TYPES = [p.media_type for p in (YamlTextParser, XYamlTextParser, TextYamlParser, PlainTextYamlParser)]
 
 
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
@@ -200,9 +217,14 @@ class FromYamlSerializer(serializers.Serializer):
 
 
 class FromYamlView(APIView):
-    parser_classes = [JSONParser, YamlTextParser]
+    parser_classes = [JSONParser, YamlTextParser, XYamlTextParser, TextYamlParser, PlainTextYamlParser]
+    request_body_required = True  # lsl_site.schema.AutoSchema: the raw-YAML media types hide it from drf-spectacular
 
-    @extend_schema(request=FromYamlSerializer, responses={202: EnvironmentSerializer},
+    @extend_schema(request={"application/json": FromYamlSerializer,
+                            # The raw file: the same rules as the JSON body's `yaml` (not empty, no NUL, 1 MiB).
+                            **{media: {"type": "string", "minLength": 1, "pattern": NO_NUL, "maxLength": 1024 * 1024,
+                                       "description": "The environment file itself"} for media in YAML_MEDIA_TYPES}},
+                   responses={202: EnvironmentSerializer},
                    parameters=[OpenApiParameter("name", {"type": "string", "pattern": SLUG, "maxLength": 63},
                                                 description="Override the file's environment name")])
     def post(self, request: Request) -> Response:

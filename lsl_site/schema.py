@@ -105,6 +105,14 @@ class AutoSchema(SpectacularAutoSchema):
     """Adds the error responses every operation can really give, each the `Error` component, so a new
     view documents them without a decorator. A view's own `@extend_schema(responses=...)` wins."""
 
+    def _get_request_body(self, direction: str = "request") -> dict[str, Any] | None:
+        # drf-spectacular marks a body required only when every media type's schema is a serializer with a
+        # required field; a view whose body is a raw document in some media types (from-yaml) says so itself.
+        body = super()._get_request_body(direction)
+        if body is not None and getattr(self.view, "request_body_required", False):
+            body["required"] = True
+        return body
+
     def _get_response_bodies(self, direction: str = "response") -> dict[str, Any]:
         responses = super()._get_response_bodies(direction)
         if direction != "response":

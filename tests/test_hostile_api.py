@@ -187,3 +187,25 @@ def test_team_services_refuse_an_empty_slug_too(people: Any) -> None:
         create_team("!!!", owner=people.outsider)
     assert set(refused.value.fields or {}) == {"name"}
     assert not Team.objects.filter(slug="").exists() and not Group.objects.filter(name="team:").exists()
+
+
+@pytest.mark.django_db
+def test_a_team_left_with_an_empty_slug_is_repaired(people: Any) -> None:
+    """Made before the name check existed (the slug is unique, so at most one): the data migration gives
+    it a slug its members can use, avoiding one already taken."""
+    import importlib
+
+    from django.apps import apps
+
+    from accounts.models import Team
+    from accounts.services import create_team
+
+    broken = create_team("Broken", owner=people.owner)
+    Team.objects.filter(pk=broken.pk).update(slug="")
+    Team.objects.filter(pk=people.team.pk).update(slug=f"team-{broken.pk}")  # its first choice is taken
+    importlib.import_module("accounts.migrations.0004_repair_empty_team_slugs").repair(apps, None)
+    assert Team.objects.get(pk=broken.pk).slug == f"team-{broken.pk}-2"
+    assert not Team.objects.filter(slug="").exists()
+    response = api_client(people.owner).get("/api/v1/teams/")
+    assert response.status_code == 200, response.content
+    assert f"team-{broken.pk}-2" in {t["slug"] for t in response.json()["results"]}
