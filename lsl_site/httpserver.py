@@ -70,11 +70,9 @@ def is_upload(method: bytes, target: bytes) -> bool:
         return False
 
 
-def body_limit(method: bytes, target: bytes) -> int:
-    """The largest body this request may send (0: no limit)."""
-    if is_upload(method, target):
-        return settings.LSL_MAX_UPLOAD_BYTES
-    return settings.LSL_MAX_REQUEST_BYTES
+def body_limit(upload: bool) -> int:
+    """The largest body a request may send (0: no limit)."""
+    return settings.LSL_MAX_UPLOAD_BYTES if upload else settings.LSL_MAX_REQUEST_BYTES
 
 
 def credentials_valid(authorization: str | None, session_key: str | None) -> bool:
@@ -104,17 +102,18 @@ class BoundedWebRequest(http_protocol.WebRequest):
     _received = 0
     _limit = 0
     _lost = False
+    _upload = False  # the request line names the upload route (resolved once, in gotLength)
 
     # --- Twisted callbacks, in the order they arrive -------------------------------------------
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)  # Twisted's body store: BytesIO when small, a temporary file otherwise
-        method, target = self.channel._command, self.channel._path
-        self._limit = body_limit(method, target)
+        self._upload = is_upload(self.channel._command, self.channel._path)
+        self._limit = body_limit(self._upload)
         if self._limit and length is not None and length > self._limit:
             self._refuse(413, "request_too_large", self._too_large_message(length))
             return
-        if is_upload(method, target) and (length is None or length > settings.LSL_MAX_REQUEST_BYTES):
+        if self._upload and (length is None or length > settings.LSL_MAX_REQUEST_BYTES):
             self._check_credentials_first()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -139,7 +138,7 @@ class BoundedWebRequest(http_protocol.WebRequest):
 
     def _too_large_message(self, length: int | None) -> str:
         size = f" ({_human(length)})" if length is not None else ""
-        what = "an upload" if is_upload(self.channel._command, self.channel._path) else "this endpoint"
+        what = "an upload" if self._upload else "this endpoint"
         setting = "LSL_MAX_UPLOAD_BYTES" if what == "an upload" else "LSL_MAX_REQUEST_BYTES"
         return f"The request body{size} is larger than {what} accepts: at most {_human(self._limit)} ({setting})."
 

@@ -334,10 +334,25 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             await self._error("bad_message", "ack.bytes must be an integer no larger than the bytes sent")
             return
         self.acked = max(self.acked, value)
-        if self.paused_since is not None and not self.awaiting_snapshot and self.sent - self.acked <= self.window // 2:
-            # Caught up (clients ack at least every window/2 bytes, so the last ack may trail
-            # what they hold by up to that much): rejoin and redraw from the current screen.
-            await fanout.join(self.session_id, self)
+        if self._caught_up():
+            await self._resume()
+
+    def _caught_up(self) -> bool:
+        """Paused, and the client has caught up (clients ack at least every window/2 bytes, so the
+        last ack may trail what they hold by up to that much)."""
+        return self.paused_since is not None and not self.kicked and self.sent - self.acked <= self.window // 2
+
+    async def _resume(self) -> None:
+        """End a pause: back into the session's stream, and redraw from the current screen.
+
+        The pause ends here, not when the snapshot arrives: a client that has caught up is not
+        stalled however long its snapshot takes (node starved on a busy machine); a snapshot that
+        does not come is asked for again (`_retry_lost_snapshot`), never a reason to close it."""
+        await fanout.join(self.session_id, self)  # still paused meanwhile: output that arrives is skipped
+        if self.paused_since is None or self.kicked:
+            return  # resumed meanwhile (the watchdog and an ack), or closed
+        self.paused_since = None
+        if not self.awaiting_snapshot:  # else the snapshot on its way redraws it
             await self._request_snapshot()
 
     # --- hub → client -----------------------------------------------------------------------
@@ -403,15 +418,17 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         end = offset + len(data)
         if self.expected_offset is None or end <= self.expected_offset:
             return  # already covered by a snapshot
+        if self.paused_since is not None:
+            # Out of the stream (the rest of what was held when a replay paused it): nothing more goes
+            # out, and no snapshot is asked for, until the client catches up (`_resume`).
+            self._check_stalled()
+            return
         if offset > self.expected_offset:
             log.info("session %s: gap %d..%d for %s, resyncing", self.session_id, self.expected_offset, offset, self.channel_name)
             await self._request_snapshot()
             return
         data = data[self.expected_offset - offset:]
         self.expected_offset = end
-        if self.paused_since is not None:
-            self._check_stalled()
-            return
         lagging = self._behind_in_time()
         if self.sent - self.acked > self.window or lagging:
             # Stop feeding it, and leave the group so a stalled participant costs the
@@ -477,8 +494,15 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         await self.close(code=4408)
 
     async def term_snapshot(self, event: dict[str, Any]) -> None:
-        if not self.awaiting_snapshot:
-            return  # a duplicate answer to an earlier request
+        if not self.awaiting_snapshot or self.kicked or getattr(self, "exited", False):
+            return  # a duplicate answer to an earlier request, or nothing more is sent
+        if not fanout.joined(self.session_id, self):
+            # Asked for while paused, out of the session's stream (e.g. the session changed owner):
+            # back into it first, or this snapshot would end the pause and no output, quiet mark or
+            # resync would ever reach the participant again.
+            await fanout.join(self.session_id, self)
+            if not self.awaiting_snapshot or self.kicked:
+                return  # another answer was taken meanwhile
         held, overflow = self.held, self.held_overflow
         self.awaiting_snapshot = False
         self.held, self.held_bytes, self.held_overflow = [], 0, False
@@ -492,8 +516,10 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             if self.awaiting_snapshot:
                 break  # a gap in what was held: a fresh snapshot is on its way and covers the rest
             await self._deliver(offset, chunk, t)
-        if overflow and not self.awaiting_snapshot:
-            await self._request_snapshot()  # some output was not kept: redraw again
+        if overflow and not self.awaiting_snapshot and self.paused_since is None:
+            # Some output was not kept: redraw again. Not if replaying what was held paused it: it is
+            # out of the stream, and is redrawn when it has caught up (`_resume`).
+            await self._request_snapshot()
 
     async def term_control(self, event: dict[str, Any]) -> None:
         text = event.get("text")  # encoded once by the hub for everyone
@@ -538,6 +564,9 @@ class TerminalConsumer(AsyncWebsocketConsumer):
 
     async def watch(self) -> None:
         """Called every WATCH_EVERY by the process's watchdog."""
+        if self._caught_up():
+            # Its last ack came while it could not resume (a snapshot in flight): no other may come.
+            await self._resume()
         self._check_stalled()
         await self._retry_lost_snapshot()
 

@@ -82,6 +82,11 @@ def leave(session_id: str, tap: Tap) -> None:
                 relay.track(asyncio.create_task(relay.unwant(session_id)))
 
 
+def joined(session_id: str, tap: Tap) -> bool:
+    """Whether the tap receives the session's stream now (a paused participant has left it)."""
+    return _taps.get(session_id, {}).get(tap.channel_name) is tap
+
+
 def forget(tap: Tap) -> None:
     """The participant is gone: no more direct messages either (see `local_tap`)."""
     _by_channel.pop(tap.channel_name, None)

@@ -8,22 +8,28 @@ sideways (document.documentElement.scrollWidth <= innerWidth): wide tables scrol
 
 Along the way it checks what only a browser shows: dark mode really changes the page, the theme toggle
 is remembered, the phone menu opens, the favicon loads, a terminal says whose window sizes it, and an
-ended terminal clears its presence and offers a new terminal.
+ended terminal clears its presence and offers a new terminal. A replay keeps its player and controls in the
+window whatever the recording's size (test_the_replay_fits_the_window_whatever_the_recording_size).
 """
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
+from django.utils import timezone
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from environments.models import Environment, Role, Template
 from environments.services import grant_access
+from sessions.models import TerminalSession
+from sessions.recording import recording_path
 from tests.browser import SCREENSHOTS, Browser
 
 pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True), pytest.mark.usefixtures("engine", "catalog")]
@@ -210,3 +216,91 @@ def test_every_page_at_two_sizes_light_and_dark(people: Any, make_env: Any, brow
     steve.get("/monitor/")
     shoot(steve, "monitor")
     assert not alice.driver.find_elements(By.ID, "nav-admin")
+
+
+def _recorded_session(owner: Any, env: Environment, cols: int, rows: int, resizes: tuple[tuple[int, int], ...] = ()) -> str:
+    """An ended session with a recording of `cols`x`rows` (then resized to each of `resizes`): its id."""
+    session = TerminalSession.objects.create(environment=env, environment_name=env.name, creator=owner,
+                                             cols=cols, rows=rows, ended_at=timezone.now(), end_reason="exited",
+                                             exit_code=0)
+    lines = [{"version": 2, "width": cols, "height": rows, "timestamp": 1700000000}]
+    at = 0.0
+    for size in ((cols, rows), *resizes):
+        if size != (cols, rows):
+            at += 0.05
+            lines.append([at, "r", f"{size[0]}x{size[1]}"])
+        for n in range(size[1] + 5):
+            at += 0.001
+            lines.append([at, "o", f"line-{n} {'#' * (size[0] - 12)}\r\n"])
+    lines.append([at + 0.05, "o", "replay-end-marker\r\n"])
+    path = recording_path(str(session.pk))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(session.pk)
+
+
+PLACED = """
+const bar = document.querySelector('#player .ap-control-bar');
+const player = document.querySelector('#player .ap-player');
+const box = document.querySelector('#player');
+const at = (el) => el ? el.getBoundingClientRect() : null;
+return {bar: at(bar) && at(bar).bottom, right: at(player) && at(player).right, height: at(player) && at(player).height,
+        box: at(box).bottom, view: [innerWidth, innerHeight], scrollWidth: document.documentElement.scrollWidth};
+"""
+# The player's box shrinks (here: 200px more header above it) and, in the same instant, before the player
+# has re-fitted (it does on a debounced ResizeObserver), its controls must already be inside the box.
+SHRUNK = ("const head = document.querySelector('.term-head');"
+          "head.style.paddingTop = '200px';"
+          "const placed = (() => {" + PLACED + "})();"
+          "head.style.paddingTop = '';"
+          "return placed;")
+
+
+def _fits(where: dict[str, Any]) -> bool:
+    width, height = where["view"]
+    return (where["bar"] is not None and where["bar"] <= min(height, where["box"] + 0.5) and where["box"] <= height
+            and where["right"] <= width and where["scrollWidth"] <= width and where["height"] >= 100)
+
+
+def test_the_replay_fits_the_window_whatever_the_recording_size(people: Any, browsers: Callable[[], Browser]) -> None:
+    """The player keeps its controls on screen and never scrolls sideways, at a laptop's and a phone's size,
+    for a big recording, a tall narrow one (a phone sized the session), a small one, and one resized
+    from narrow to wide while recording: once it has fitted itself, and at the very moment the window
+    (or its box) gets smaller, before it re-fits. The page test measured a tall recording's player right
+    after going from phone to laptop size, and found it still as tall as the phone's window."""
+    template = Template.objects.get(slug="busybox")
+    env = Environment.objects.create(name="web-replays", owner=people.owner, template=template, image=template.image,
+                                     cpus=0.5, memory_mb=256, pids=128, status="stopped", stop_reason="stopped",
+                                     workspace_volume=f"lsl-ws-shot-{uuid.uuid4().hex[:8]}")
+    casts = {
+        "200x60": _recorded_session(people.owner, env, 200, 60),
+        "40x50": _recorded_session(people.owner, env, 40, 50),
+        "80x24": _recorded_session(people.owner, env, 80, 24),
+        "40x50-then-160x48": _recorded_session(people.owner, env, 40, 50, resizes=((160, 48),)),
+    }
+    alice = browsers()
+    alice.login("alice", "password-alice")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    def settled(what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 5  # the player re-fits a moment after its box changes
+        while not _fits(where := alice.driver.execute_script(PLACED)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _fits(where), f"{what}: the player does not fit the window: {where}"
+        return where
+
+    for name, session_id in casts.items():
+        for size, other in (("phone", "desktop"), ("desktop", "phone")):
+            emulate(alice, size, "light")
+            alice.get(f"/sessions/{session_id}/replay/")
+            alice.wait(lambda d: "replay-end-marker" in d.find_element(By.ID, "player").text, timeout=20,
+                       what=f"the {name} replay played to its end")
+            settled(f"{name} at {size}")
+            alice.driver.save_screenshot(str(SHOTS / f"replay-{name}-{size}.png"))
+            shrunk = alice.driver.execute_script(SHRUNK)
+            assert _fits(shrunk), f"{name} at {size}: the controls leave the player's box when it shrinks: {shrunk}"
+            # As the page test does: another size, measured at once (the player may not have re-fitted yet).
+            emulate(alice, other, "light")
+            at_once = alice.driver.execute_script(PLACED)
+            assert _fits(at_once), f"{name} from {size} to {other}: the controls are off screen: {at_once}"
+            settled(f"{name} from {size} to {other}")

@@ -127,6 +127,120 @@ def test_a_frame_for_a_client_that_already_left_does_not_end_the_consumer() -> N
     asyncio.run(scenario())  # raises if Disconnected escapes
 
 
+# --- pausing and resuming (flow control, docs/protocol.md) ---------------------------------
+
+class FlowHarness(Harness):
+    """A streaming participant with a tiny window, in the session's stream, and the hub's offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window, self.user = 16, "alice"
+        self.awaiting_snapshot, self.expected_offset = False, 0
+        self.hub_offset = 0
+
+    async def publish(self, data: bytes) -> None:
+        """The hub publishes a chunk to everyone in the session's stream (this participant only if it is in it)."""
+        await fanout.publish(self.session_id, {"type": "term.output", "offset": self.hub_offset, "data": data,
+                                               "t": time.time()})
+        self.hub_offset += len(data)
+
+    async def answer_snapshot_requests(self) -> None:
+        """The hub answers each request with the screen at its current offset."""
+        while "hub.snapshot" in self.to_hub:
+            self.to_hub.remove("hub.snapshot")
+            await self.term_snapshot(snapshot(self.hub_offset))
+
+    def in_stream(self) -> bool:
+        return self.channel_name in {t.channel_name for t in fanout._taps.get(self.session_id, {}).values()}
+
+
+def test_a_participant_paused_again_while_its_resync_is_replayed_gets_back_into_the_stream() -> None:
+    """The flake of test_slow_reader_is_resynced_to_the_final_screen: a slow reader's resync snapshot comes
+    late (node is busy), the output held meanwhile overflows, and replaying what was held pauses the reader
+    again. The overflow used to ask for another snapshot right then, paused and out of the session's
+    stream: its answer ended the pause without rejoining the stream, so the reader heard no output, no
+    quiet mark and no resync ever again (and, no longer paused, nothing watched it)."""
+    async def scenario() -> FlowHarness:
+        c = FlowHarness()
+        await fanout.join(c.session_id, c)
+        try:
+            await c.publish(b"a" * 20)  # sent, not acked
+            await c.publish(b"b" * 4)  # 20 > 16 unacked: paused, out of the stream
+            assert c.paused_since is not None and not c.in_stream()
+            await c._on_ack(12)  # 8 behind <= window/2: back in the stream, a snapshot asked for
+            assert c.to_hub == ["hub.snapshot"] and c.in_stream()
+            for chunk in (b"c" * 8, b"d" * 8, b"e" * 8):  # the snapshot is slow: 16 bytes held, then overflow
+                await c.publish(chunk)
+            assert c.held_overflow
+            c.to_hub.remove("hub.snapshot")
+            await c.term_snapshot(snapshot(24))  # SCREEN + "c"*8 sent, "d"*8 would be 22 > 16 unacked: paused again
+            assert c.paused_since is not None and not c.in_stream()
+            for _ in range(3):  # the reader reads everything and acks it; the hub answers whatever it was asked
+                await c._on_ack(c.sent)
+                await c.answer_snapshot_requests()
+                await c.watch()
+            await c.publish(b"LIVE")
+            return c
+        finally:
+            fanout.leave(c.session_id, c)
+
+    c = asyncio.run(scenario())
+    assert c.output().endswith(b"LIVE"), "the participant was left out of the session's stream for good"
+    assert c.paused_since is None and not c.awaiting_snapshot and c.expected_offset == c.hub_offset
+
+
+def test_a_caught_up_participant_is_not_kicked_while_its_resync_snapshot_is_slow(settings: Any) -> None:
+    """Once the reader has caught up, the pause is over: a snapshot that takes longer than the stall timeout
+    (node starved on a busy machine) is retried, never a reason to close the reader as too slow."""
+    settings.LSL_SESSION_STALL_TIMEOUT = 5.0
+
+    async def scenario() -> FlowHarness:
+        c = FlowHarness()
+        c.closed_with = None
+
+        async def close(code: int | bool | None = None, reason: str | None = None) -> None:
+            c.closed_with = code
+
+        c.close = close  # type: ignore[method-assign]
+        await fanout.join(c.session_id, c)
+        try:
+            await c.publish(b"a" * 20)
+            await c.publish(b"b" * 4)  # paused
+            await c._on_ack(c.sent)  # caught up: a snapshot is asked for
+            if c.paused_since is not None:
+                c.paused_since -= settings.LSL_SESSION_STALL_TIMEOUT + 1  # ...and it is this slow
+            c.snapshot_requested_at -= consumers.SNAPSHOT_RETRY + 0.1
+            await c.watch()
+            await asyncio.sleep(0)  # a kick runs in a task of its own
+            return c
+        finally:
+            fanout.leave(c.session_id, c)
+
+    c = asyncio.run(scenario())
+    assert not c.kicked and c.closed_with is None
+    assert c.awaiting_snapshot and c.to_hub == ["hub.snapshot", "hub.snapshot"], "asked again, not kicked"
+
+
+def test_a_paused_participant_whose_client_caught_up_is_resumed_by_the_watchdog() -> None:
+    """The ack that caught the client up came while a snapshot was in flight, and that snapshot's replay
+    paused it again without sending anything new: no further ack will come. The watchdog resumes it."""
+    async def scenario() -> FlowHarness:
+        c = FlowHarness()
+        await fanout.join(c.session_id, c)
+        try:
+            await c.publish(b"a" * 20)
+            await c.publish(b"b" * 4)  # paused
+            c.acked = c.sent  # acked while it could not resume (the ack path is tested above)
+            await c.watch()
+            c.rejoined = c.in_stream()
+            return c
+        finally:
+            fanout.leave(c.session_id, c)
+
+    c = asyncio.run(scenario())
+    assert c.to_hub == ["hub.snapshot"] and c.awaiting_snapshot and c.paused_since is None and c.rejoined
+
+
 # --- the lag bound (docs/protocol.md, "Server-side lag bound") ------------------------------
 
 class LagHarness(Harness):
