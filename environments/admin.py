@@ -10,6 +10,8 @@ from environments.models import (
     ROLE_CODENAMES,
     Environment,
     KeptWorkspace,
+    PortAuditEvent,
+    PreviewLink,
     Role,
     TeamQuota,
     TeamVolume,
@@ -92,8 +94,25 @@ class EnvironmentAdmin(GuardedModelAdmin):
     readonly_fields = ["id", "owner", "template", "network_mode", "mounts", "disk_mb", "container_id",
                        "workspace_volume", "image", "status", "progress", "last_error", "created_at", "updated_at",
                        "started_at", "stopped_at", "stop_reason", "identity", "setup_status", "setup_log",
-                       "last_active_at"]
+                       "last_active_at", "listening_ports", "ports_checked_at", "preview_links"]
     actions = ["stop_selected", "reconcile_selected"]
+
+
+    @admin.display(description="Public preview links")
+    def preview_links(self, obj: Environment) -> str:
+        """Shown, not edited (a formset here would make every change form carry one): revoke from the
+        Preview links list, where the action is."""
+        from django.urls import reverse
+        from django.utils.html import format_html, format_html_join
+
+        links = list(obj.preview_links.select_related("created_by").order_by("-created_at")[:20])
+        if not links:
+            return "none"
+        rows = format_html_join("", "<li>port {} · {}… · by {} · until {} · {}</li>", (
+            (link.port, link.token_hint, link.created_by or "?", link.expires_at.strftime("%Y-%m-%d %H:%M"),
+             "active" if link.is_active() else "revoked" if link.revoked_at else "expired") for link in links))
+        url = reverse("admin:environments_previewlink_changelist") + f"?environment__id__exact={obj.pk}"
+        return format_html('<ul style="margin:0">{}</ul><a href="{}">manage</a>', rows, url)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # environments are created through the API or the web app, which provision them
@@ -193,3 +212,82 @@ class KeptWorkspaceAdmin(admin.ModelAdmin):
                 services.purge_kept_workspace(kept)
             except runtime.EngineError as exc:
                 self.message_user(request, f"{kept}: {exc}", messages.ERROR)
+
+
+class PreviewLinkActiveFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        from django.utils import timezone
+
+        now = timezone.now()
+        match self.value():
+            case "active":
+                return queryset.filter(revoked_at__isnull=True, expires_at__gt=now)
+            case "expired":
+                return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
+            case "revoked":
+                return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+@admin.register(PreviewLink)
+class PreviewLinkAdmin(admin.ModelAdmin):
+    """Public preview links: anyone holding one may open a port's preview without signing in. Only the
+    token's hash is stored; revoking (the action) stops a link at once and is audited."""
+
+    list_display = ["environment", "port", "token_hint", "created_by", "created_at", "expires_at", "revoked_at", "active"]
+    list_filter = [PreviewLinkActiveFilter]
+    search_fields = ["environment__name", "environment__owner__username", "token_hint"]
+    list_select_related = ["environment", "environment__owner", "created_by"]
+    fields = ["id", "environment", "port", "token_hint", "created_by", "created_at", "expires_at", "revoked_at",
+              "revoked_by"]
+    readonly_fields = fields
+    actions = ["revoke_selected"]
+
+    @admin.display(boolean=True)
+    def active(self, link: PreviewLink) -> bool:
+        return link.is_active()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # revoke instead: a deleted link leaves no trace of who could get in until when
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Revoke selected links", permissions=["view"])
+    def revoke_selected(self, request, queryset):  # type: ignore[no-untyped-def]
+        from environments import ports
+
+        revoked = 0
+        for link in queryset.filter(revoked_at__isnull=True).select_related("environment"):
+            ports.do_revoke_preview_link(link, by=request.user)
+            revoked += 1
+        self.message_user(request, f"{revoked} link(s) revoked")
+
+
+@admin.register(PortAuditEvent)
+class PortAuditEventAdmin(admin.ModelAdmin):
+    """Forwards, previews, public links made and revoked, refusals: read-only."""
+
+    list_display = ["at", "kind", "environment", "port", "user"]
+    list_filter = ["kind"]
+    search_fields = ["environment__name", "environment__owner__username", "user__username"]
+    list_select_related = ["environment", "environment__owner", "user"]
+    date_hierarchy = "at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -371,7 +371,21 @@ def _semantic_problems(data: Any, document: _Document, filename: str) -> list[Pr
         if isinstance(resources, dict):
             _check_resources(resources, (*path, "resources"), add)
         _check_mount_targets(entry.get("mounts"), (*path, "mounts"), add)
+        _check_ports(entry.get("ports"), (*path, "ports"), document, add)
     return problems
+
+
+def _check_ports(declared: Any, path: JsonPath, document: _Document, add: Callable[[JsonPath, str], None]) -> None:
+    """A port declared twice (maybe under two names) is a mistake the schema cannot see."""
+    first_line: dict[int, int] = {}
+    for index, entry in enumerate(declared if isinstance(declared, list) else []):
+        port = entry.get("port") if isinstance(entry, dict) else None
+        if not isinstance(port, int) or isinstance(port, bool):
+            continue  # the schema reports it
+        if port in first_line:
+            add((*path, index, "port"), f"port {port} is declared more than once (first at line {first_line[port]})")
+        else:
+            first_line[port] = document.position((*path, index, "port"))[0]
 
 
 def _check_mount_targets(mounts: Any, path: JsonPath, add: Callable[[JsonPath, str], None]) -> None:
@@ -506,6 +520,7 @@ def template_fields(entry: dict[str, Any]) -> dict[str, Any]:
         "setup": entry.get("setup", []),
         "user_setup": entry.get("user_setup", []),
         "labels": entry.get("labels", {}),
+        "ports": [{"port": p["port"], "name": p.get("name", "")} for p in entry.get("ports", [])],
         "public": "teams" not in entry,
         "managed_by_catalog": True,
     }

@@ -14,9 +14,12 @@ Two ways in, same protocol (docs/protocol.md, "The session keeper"):
 * everywhere else (a remote engine, a container made before the mount existed): a TTY
   `docker exec /.lsl/keeper attach`, a relay that puts its terminal in raw mode first.
 
-Threading: `open_link` and KeeperLink are asyncio (call on the event loop; the docker calls of the
-exec path run in the caller's docker executor); `list_sessions`, `kill_session` and `install` block
-(call them from a worker thread or off the loop).
+Threading: `open_link`, KeeperLink and `open_tunnel` are asyncio (call on the event loop; the docker
+calls of the exec path run in the caller's docker executor); `list_sessions`, `kill_session`,
+`listening_ports` and `install` block (call them from a worker thread or off the loop).
+
+The keeper is also the way in to an environment's TCP ports (`open_tunnel`: a byte pipe to
+127.0.0.1:<port> inside the container) and tells which ports listen (`listening_ports`).
 """
 
 from __future__ import annotations
@@ -431,3 +434,170 @@ def forget_session(container_id: str, environment_id: Any, session_id: str) -> N
         _request_blocking(container_id, environment_id, frame(b"F", session_id.encode()))
     except runtime.EngineError as exc:
         log.debug("keeper: forgetting %s failed: %s", session_id, exc)
+
+
+# --- tunnels to the environment's ports (asyncio) ----------------------------------------------
+
+OLD_KEEPER_REFUSAL = "expected O, L, K or F"  # what a keeper before version 3 answers to `T` and `N`
+NOTHING_LISTENING = "nothing is listening on port"
+
+
+def tunnel_request(port: int) -> bytes:
+    """The `T` request: the port as ASCII decimal (the keeper answers `t`, then raw bytes; or `E`)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"not a port: {port!r}")
+    return frame(b"T", str(port).encode())
+
+
+def tunnel_refusal(kind: bytes, payload: bytes, port: int) -> Exception:
+    """The exception for a keeper's answer to `T` other than `t`: PortClosed when nothing listens
+    (a 409 the user can act on), KeeperError otherwise."""
+    # ports imports models: not at module import time
+    from environments.ports import PortClosed
+
+    message = payload.decode(errors="replace")
+    if kind == b"E" and message.startswith(OLD_KEEPER_REFUSAL):
+        return KeeperError("this environment's keeper predates port forwarding: restart the environment to reach its ports")
+    if kind == b"E" and message.startswith(NOTHING_LISTENING):
+        return PortClosed(f"Nothing is listening on port {port} in this environment.")
+    if kind == b"E":
+        return KeeperError(f"the session keeper could not open port {port}: {message}")
+    return KeeperError(f"unexpected answer from the session keeper to a tunnel request: {kind!r}")
+
+
+class Tunnel:
+    """A raw byte pipe to a TCP port inside an environment, through its keeper.
+
+    `sock` is connected, non-blocking, and positioned right after the keeper's `t` frame: every
+    byte read from it is the service's, every byte written goes to the service. `path` says how it
+    was reached ("socket": the keeper's Unix socket on this host; "exec": a `docker exec` relay).
+    `keep` must stay referenced while the tunnel is used (the exec path's docker-py wrapper closes
+    the socket when collected). Half-close (`shutdown(SHUT_WR)`, StreamWriter.write_eof) reaches the
+    service on the socket path; on the exec path the relay is a TTY, which carries no EOF of its
+    own, so a half-close there ends the whole tunnel (docs/protocol.md)."""
+
+    def __init__(self, sock: socket.socket, path: str, keep: Any = None) -> None:
+        self.sock, self.path, self.keep = sock, path, keep
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def streams(self, limit: int = 2 ** 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """asyncio streams over the socket (made once; the writer owns the socket from then on)."""
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(sock=self.sock, limit=limit)
+        return self._streams
+
+    def close(self) -> None:
+        try:
+            if self._streams is not None:
+                self._streams[1].close()
+            else:
+                self.sock.close()
+        except (OSError, RuntimeError):
+            pass
+        self.keep = None
+
+
+async def _recv_exactly_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes (never more: what follows belongs to the tunnel's byte stream)."""
+    data = b""
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        if not chunk:
+            raise KeeperError("the session keeper hung up")
+        data += chunk
+    return data
+
+
+async def _tunnel_reply(sock: socket.socket, request: bytes, port: int, *, ready: bool) -> None:
+    """Send `T`, read the answer frame with exact reads; raise unless it is `t`. `ready`: first
+    read the exec relay's raw-mode frame."""
+    loop = asyncio.get_running_loop()
+    if ready:
+        got = await _recv_exactly_async(loop, sock, 5)
+        if got != READY:
+            raise KeeperError(f"no session keeper in this container ({got!r})")
+    await loop.sock_sendall(sock, request)
+    head = await _recv_exactly_async(loop, sock, 5)
+    (length,) = struct.unpack(">I", head[1:])
+    if length > MAX_REPLY:
+        raise KeeperError("the session keeper sent an oversized answer")
+    payload = await _recv_exactly_async(loop, sock, length) if length else b""
+    if head[:1] != b"t":
+        raise tunnel_refusal(head[:1], payload, port)
+
+
+MAX_REPLY = 64 * 1024
+TUNNEL_TIMEOUT = 15.0  # the keeper's own connect timeout is 10 s
+
+
+async def _tunnel_by_socket(path: Path, request: bytes, port: int) -> Tunnel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, str(path))
+    except OSError:
+        sock.close()
+        raise
+    try:
+        await asyncio.wait_for(_tunnel_reply(sock, request, port, ready=False), TUNNEL_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return Tunnel(sock, "socket")
+
+
+async def _tunnel_by_exec(container_id: str, docker_call: DockerCall, request: bytes, port: int,
+                          *, started: bool = False) -> Tunnel:
+    ex = await docker_call(runtime.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
+    sock = ex.sock
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(_tunnel_reply(sock, request, port, ready=True), TUNNEL_TIMEOUT)
+    except KeeperError as exc:
+        sock.close()
+        if started or not str(exc).startswith("no session keeper"):
+            raise
+        # No keeper (an older container, or it died): start one and try once more, as _connect_by_exec does.
+        log.info("no session keeper in %s (%s); starting one", container_id[:12], exc)
+        await docker_call(ensure_running, container_id)
+        await asyncio.sleep(0.2)
+        return await _tunnel_by_exec(container_id, docker_call, request, port, started=True)
+    except BaseException:
+        sock.close()
+        raise
+    return Tunnel(sock, "exec", keep=ex)
+
+
+async def open_tunnel(container_id: str, environment_id: Any, docker_call: DockerCall, port: int) -> Tunnel:
+    """A byte pipe to `port` on the environment's loopback (127.0.0.1, else ::1), through its keeper.
+    Raises ports.PortClosed when nothing listens there, KeeperError otherwise. The caller checks
+    who may reach the port (ports.require_port_access) first."""
+    request = tunnel_request(port)
+    path = _host_socket(environment_id)
+    if path is not None:
+        try:
+            return await _tunnel_by_socket(path, request, port)
+        except asyncio.TimeoutError as exc:
+            raise KeeperError(f"the session keeper did not answer a tunnel request for port {port}") from exc
+        except OSError as exc:  # a socket left by a stopped keeper, say: the relay reaches a live one
+            log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
+    try:
+        return await _tunnel_by_exec(container_id, docker_call, request, port)
+    except asyncio.TimeoutError as exc:
+        raise KeeperError(f"the session keeper did not answer a tunnel request for port {port}") from exc
+    except OSError as exc:
+        raise KeeperError(f"the session keeper could not be reached: {exc}") from exc
+
+
+def listening_ports(container_id: str, environment_id: Any) -> list[Any]:
+    """The TCP ports listening inside the environment (its network namespace), as
+    ports.ListeningPort, sorted. Blocking; raises KeeperError (an old keeper: restart to see ports)."""
+    from environments.ports import parse_proc_net_tcp
+
+    kind, payload = _request_blocking(container_id, environment_id, frame(b"N"))
+    if kind == b"n":
+        return parse_proc_net_tcp(payload.decode(errors="replace"))
+    message = payload.decode(errors="replace")
+    if message.startswith(OLD_KEEPER_REFUSAL):
+        raise KeeperError("this environment's keeper predates port detection: restart the environment to see its ports")
+    raise KeeperError(message or f"unexpected answer {kind!r}")

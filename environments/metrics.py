@@ -180,7 +180,31 @@ class LSLCollector:
 
         yield from self._inventory(envs, up)
         yield from self._environments(envs, stats)
+        yield from self._ports()
         yield from self._host()
+
+    def _ports(self) -> Iterator[Metric]:
+        """Traffic through `lsl forward`, the browser preview and public links, per port (two queries in all)."""
+        from environments.models import PortTraffic, PreviewLink
+
+        labels = ["environment", "owner", "port", "via"]
+        connections = CounterMetricFamily("lsl_port_connections", "Connections made through LSL to a port of an "
+                                          "environment, per way in (forward, preview, public).", labels=labels)
+        transferred = CounterMetricFamily("lsl_port_bytes", "Bytes carried through LSL to and from a port of an "
+                                          "environment (direction: to_environment, from_environment).",
+                                          labels=[*labels, "direction"])
+        rows = (PortTraffic.objects.order_by("environment__owner__username", "environment__name", "port", "via")
+                .values_list("environment__name", "environment__owner__username", "port", "via", "connections",
+                             "bytes_to_environment", "bytes_from_environment"))
+        for name, owner, port, via, count, to_env, from_env in rows:
+            base = [name, owner, str(port), via]
+            connections.add_metric(base, count)
+            transferred.add_metric([*base, "to_environment"], to_env)
+            transferred.add_metric([*base, "from_environment"], from_env)
+        yield connections
+        yield transferred
+        active = PreviewLink.objects.filter(revoked_at__isnull=True, expires_at__gt=timezone.now()).count()
+        yield GaugeMetricFamily("lsl_preview_links_active", "Public preview links neither expired nor revoked.", value=active)
 
     def _inventory(self, envs: list[Environment], up: bool) -> Iterator[Metric]:
         build = GaugeMetricFamily("lsl_build_info", "LSL version; always 1.", labels=["version"])

@@ -40,6 +40,9 @@ class Template(models.Model):
     allow_user_mounts = models.BooleanField(default=True)
     setup = models.JSONField(default=list, blank=True)  # shell commands run once after create, as root
     user_setup = models.JSONField(default=list, blank=True)  # then these, as the environment user
+    # Ports its environments serve on, declared by the catalog: [{port, name}] (shown as preview links
+    # on the environment page even before anything listens there).
+    ports = models.JSONField(default=list, blank=True)
     allow_sudo = models.BooleanField(default=False, help_text="The environment user gets passwordless sudo. "
                                      "Turns off no-new-privileges for the container (sudo is setuid).")
     labels = models.JSONField(default=dict, blank=True)
@@ -197,6 +200,10 @@ class Environment(models.Model):
     disk_checked_at = models.DateTimeField(null=True, blank=True)
     disk_grace_until = models.DateTimeField(null=True, blank=True)
     disk_grace_mb = models.PositiveIntegerField(null=True, blank=True)
+    # TCP ports something listens on inside the container, found by the worker (via the keeper, from
+    # /proc/net/tcp*): [{port, loopback_only}], sorted by port. Empty when not running.
+    listening_ports = models.JSONField(default=list, blank=True)
+    ports_checked_at = models.DateTimeField(null=True, blank=True)
 
     objects = EnvironmentQuerySet.as_manager()
 
@@ -280,3 +287,81 @@ class TeamQuota(models.Model):
 
     def __str__(self) -> str:
         return f"quota for {self.team.slug}"
+
+
+# --- ports: forwarding and preview (issue 14) ---------------------------------------------------
+
+class PortVia(models.TextChoices):
+    FORWARD = "forward", "lsl forward"
+    PREVIEW = "preview", "Browser preview"
+    PUBLIC = "public", "Public preview link"
+
+
+class PreviewLink(models.Model):
+    """An explicit, expiring, revocable public link to one port of one environment: anyone holding it
+    may open the preview without signing in. Made only by an admin of the environment. The token is
+    shown once; only its SHA-256 is stored (a leaked database does not leak working links)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="preview_links")
+    port = models.PositiveIntegerField()
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    token_hint = models.CharField(max_length=8, editable=False, help_text="The token's first characters, to tell links apart.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.environment.name}:{self.port} ({self.token_hint}…)"
+
+    def is_active(self, now: Any = None) -> bool:
+        return self.revoked_at is None and self.expires_at > (now or timezone.now())
+
+
+class PortTraffic(models.Model):
+    """Connections and bytes through LSL to one port of an environment, per way in. Counted in the
+    database (added to when a connection ends, and every few seconds while it lasts), so every
+    server process answers a /metrics scrape with the same totals."""
+
+    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="port_traffic")
+    port = models.PositiveIntegerField()
+    via = models.CharField(max_length=10, choices=PortVia.choices)
+    connections = models.PositiveBigIntegerField(default=0)
+    bytes_to_environment = models.PositiveBigIntegerField(default=0)
+    bytes_from_environment = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["environment", "port", "via"], name="unique_port_traffic")]
+
+
+class PortAuditKind(models.TextChoices):
+    FORWARD_OPENED = "forward_opened", "Forward opened"
+    FORWARD_CLOSED = "forward_closed", "Forward closed"
+    PREVIEW_OPENED = "preview_opened", "Preview opened"
+    LINK_CREATED = "link_created", "Public link created"
+    LINK_REVOKED = "link_revoked", "Public link revoked"
+    ACCESS_REFUSED = "access_refused", "Port access refused"
+
+
+class PortAuditEvent(models.Model):
+    """Who reached which port of an environment, how, and public links made and revoked."""
+
+    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="port_audit_events")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=20, choices=PortAuditKind.choices)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["environment", "-at"])]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.kind} :{self.port or ''} {self.user or ''}"

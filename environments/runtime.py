@@ -644,6 +644,14 @@ class ExecSocket:
     sock: socket.socket
 
 
+def _unguessable_detach_keys(length: int = 24) -> str:
+    """A detach-key sequence (docker's "ctrl-x,y,..." syntax) nobody will type or send."""
+    import secrets
+    import string
+
+    return ",".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))
+
+
 def exec_open_tty(container_id: str, cmd: list[str], *, cols: int, rows: int, user: str = "",
                   workdir: str | None = None, environment: dict[str, str] | None = None) -> ExecSocket:
     """Create and start a TTY exec, returning its raw socket (blocking; call off the event loop)."""
@@ -651,8 +659,11 @@ def exec_open_tty(container_id: str, cmd: list[str], *, cols: int, rows: int, us
         api = _client().api
         # No COLUMNS/LINES: programs would prefer them to the real (resizable) PTY size.
         env = {"TERM": "xterm-256color", **(environment or {})}
+        # dockerd ends a TTY exec's stdin when it sees the detach keys (Ctrl-P Ctrl-Q by default):
+        # typed in a shell, or inside a tunnel's binary stream, that would cut the relay. A random
+        # sequence per exec cannot occur by accident and cannot be guessed.
         exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=True,
-                                  user=user, workdir=workdir, environment=env)["Id"]
+                                  user=user, workdir=workdir, environment=env, detach_keys=_unguessable_detach_keys())["Id"]
         socket_io = api.exec_start(exec_id, tty=True, socket=True)
         sock = socket_io._sock  # the SocketIO wrapper is read-only; writes need the socket
         try:

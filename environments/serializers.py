@@ -20,7 +20,7 @@ class TemplateSerializer(serializers.ModelSerializer):
         model = Template
         fields = ["slug", "image", "description", "shell", "env", "cpus", "memory_mb", "disk_mb", "pids", "network_modes",
                   "mounts", "allow_user_mounts", "allow_sudo", "setup", "user_setup", "labels", "public", "teams",
-                  "snapshot_of"]
+                  "snapshot_of", "ports"]
 
     def get_disk_mb(self, template: Template) -> int:
         return effective_disk_mb(template)  # the server default where the catalog sets none
@@ -115,3 +115,73 @@ class GrantSerializer(serializers.Serializer):
 
     def to_representation(self, grant: Any) -> dict[str, Any]:
         return {"id": grant.id, "kind": grant.kind, "name": grant.name, "role": grant.role.label}
+
+
+# --- ports: listening, declared, public preview links (issue 14; environments/api_ports.py) ------------
+
+class ListeningPortSerializer(serializers.Serializer):
+    port = serializers.IntegerField(min_value=1, max_value=65535)
+    loopback_only = serializers.BooleanField(help_text="Bound to 127.0.0.1/::1 only (still reachable through LSL).")
+    preview_url = serializers.CharField(allow_null=True, help_text="The browser preview; null when you may not open it "
+                                        "(viewer role, host network).")
+
+
+class DeclaredPortSerializer(serializers.Serializer):
+    port = serializers.IntegerField(min_value=1, max_value=65535)
+    name = serializers.CharField(allow_blank=True, help_text="The template's name for it (catalog `ports`).")
+    listening = serializers.BooleanField(help_text="Whether something listens on it now.")
+    preview_url = serializers.CharField(allow_null=True)
+
+
+class PreviewLinkSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    port = serializers.IntegerField()
+    url = serializers.CharField(allow_null=True, help_text="Always null: only the token's hash is stored, so the URL "
+                                "is shown once, when the link is made.")
+    token_hint = serializers.CharField(help_text="The token's first characters, to tell links apart.")
+    created_by = serializers.CharField(allow_null=True, source="created_by.username", default=None)
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+    revoked_at = serializers.DateTimeField(allow_null=True)
+    active = serializers.SerializerMethodField()
+
+    def get_active(self, link: Any) -> bool:
+        return bool(link.is_active())
+
+    def to_representation(self, link: Any) -> dict[str, Any]:
+        data = super().to_representation(link)
+        data["url"] = None
+        return data
+
+
+class PortsSerializer(serializers.Serializer):
+    listening = ListeningPortSerializer(many=True)
+    declared = DeclaredPortSerializer(many=True)
+    checked_at = serializers.DateTimeField(allow_null=True, help_text="When the worker last looked (null: never).")
+    links = PreviewLinkSerializer(many=True, allow_null=True,
+                                  help_text="Public preview links, newest first: admins only (null for others).")
+
+
+class PreviewLinkCreateSerializer(serializers.Serializer):
+    port = serializers.IntegerField(min_value=1, max_value=65535)
+    expires_in = serializers.IntegerField(required=False, min_value=60,
+                                          help_text="Seconds until the link stops working (default LSL_PREVIEW_LINK_TTL, "
+                                                    "at most LSL_PREVIEW_LINK_MAX_TTL).")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from django.conf import settings
+        from django.core.validators import MaxValueValidator
+
+        super().__init__(*args, **kwargs)
+        field = self.fields["expires_in"]
+        field.max_value = int(settings.LSL_PREVIEW_LINK_MAX_TTL)
+        field.validators.append(MaxValueValidator(field.max_value, message=field.error_messages["max_value"].format(
+            max_value=field.max_value)))
+
+
+class CreatedPreviewLinkSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    port = serializers.IntegerField()
+    url = serializers.CharField(help_text="The public URL: shown this once.")
+    token = serializers.CharField(help_text="The link's secret: shown this once.")
+    expires_at = serializers.DateTimeField()

@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from environments import api_host, api_workspaces
+from environments import api_host, api_ports, api_workspaces
 from environments.api import EnvironmentViewSet, MonitorView, TemplateViewSet
 
 router = SimpleRouter()
@@ -20,4 +20,9 @@ urlpatterns = [
     path("environments/<uuid:pk>/snapshot/", api_host.SnapshotView.as_view(), name="environment-snapshot"),
     path("environments/<uuid:pk>/export/", api_host.ExportView.as_view(), name="environment-export"),
     path("quotas/", api_host.QuotaView.as_view(), name="quotas"),
+    # Ports and public preview links (issue 14; environments/api_ports.py).
+    path("environments/<uuid:pk>/ports/", api_ports.PortsView.as_view(), name="environment-ports"),
+    path("environments/<uuid:pk>/ports/links/", api_ports.PreviewLinksView.as_view(), name="environment-port-links"),
+    path("environments/<uuid:pk>/ports/links/<uuid:link_id>/", api_ports.PreviewLinkView.as_view(),
+         name="environment-port-link"),
 ]

@@ -6,7 +6,8 @@ Threads, each with one job:
   row changes (reconcile.EngineEventTracker); on every (re)connect it first runs a full reconcile,
   so nothing that happened while it was away is missed;
 - periodic jobs, one thread each: resume stalled provisioning, enforce setup deadlines, the full
-  reconcile safety net, idle stop, disk limits, container stats sampling, event and task-result pruning.
+  reconcile safety net, idle stop, disk limits, container stats sampling, listening-port scans, event and
+  task-result pruning.
   Several workers may run: each periodic run is claimed with a conditional UPDATE on its
   PeriodicJob row, so it happens once per interval whoever runs it.
 
@@ -107,6 +108,55 @@ def enforce_disk_limits() -> dict[str, Any]:
     return {"environments": len(envs), "measured": len(usage), "stopped": stopped, "seconds": round(took, 3)}
 
 
+# Each scan is one short keeper request (a Unix socket round trip, or a `docker exec` for an old keeper).
+PORT_SCAN_WORKERS = 8
+PORT_SCAN_BUDGET_SECONDS = 10.0
+
+
+def scan_listening_ports() -> dict[str, Any]:
+    """What listens inside every running bridge/none-network environment (the keeper reads
+    /proc/net/tcp* in the container's network namespace), stored on the row; a change publishes
+    `environment.ports`. Environments no longer running get their list cleared (whatever stopped
+    them: a user, the engine, idle or disk). Host-network ones are never scanned: their ports are
+    the host's, which LSL does not forward (ports.check_reachable)."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from environments import keeper, ports
+    from environments.models import NetworkMode
+
+    cleared = 0
+    for env in (Environment.objects.exclude(status=Status.RUNNING).filter(ports_checked_at__isnull=False)
+                .only("id", "owner_id", "listening_ports", "ports_checked_at")):
+        if env.listening_ports:
+            ports.do_update_listening_ports(env, [])
+            cleared += 1
+        Environment.objects.filter(pk=env.pk).exclude(status=Status.RUNNING).update(ports_checked_at=None)
+    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id="")
+                .exclude(network_mode=NetworkMode.HOST).only("id", "owner_id", "container_id", "listening_ports"))
+    if not envs:
+        return {"environments": 0, "scanned": 0, "changed": 0, "cleared": cleared}
+
+    def scan(env: Environment) -> list[ports.ListeningPort] | None:
+        try:
+            return keeper.listening_ports(env.container_id, env.pk)
+        except Exception as exc:  # noqa: BLE001 - an old keeper, a container going away: try again next time
+            log.debug("port scan of %s failed: %s", env.pk, exc)
+            return None
+
+    pool = ThreadPoolExecutor(max_workers=min(PORT_SCAN_WORKERS, len(envs)), thread_name_prefix="lsl-ports")
+    try:
+        futures = {pool.submit(scan, env): env for env in envs}
+        done, _ = wait(futures, timeout=PORT_SCAN_BUDGET_SECONDS)
+        found = {futures[f].pk: (futures[f], f.result()) for f in done if f.result() is not None}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    # Only those still running: one stopped meanwhile keeps its cleared list.
+    still_running = set(Environment.objects.filter(pk__in=list(found), status=Status.RUNNING).values_list("pk", flat=True))
+    changed = sum(ports.do_update_listening_ports(env, listening)
+                  for pk, (env, listening) in found.items() if pk in still_running)
+    return {"environments": len(envs), "scanned": len(found), "changed": changed, "cleared": cleared}
+
+
 def _prune_task_results() -> int:
     from django_tasks_db.models import DBTaskResult
 
@@ -125,6 +175,7 @@ PERIODIC: list[Periodic] = [
              lambda: len(services.stop_idle_environments())),
     Periodic("enforce_disk_limits", lambda: settings.LSL_DISK_CHECK_INTERVAL, enforce_disk_limits),
     Periodic("sample_stats", lambda: settings.LSL_STATS_INTERVAL, _sample_stats),
+    Periodic("scan_listening_ports", lambda: settings.LSL_PORT_SCAN_INTERVAL, scan_listening_ports),
     # Workspace volumes no row accounts for (kept before kept workspaces were recorded, or a delete that
     # died half-way): listed for their owners, so nothing kept is invisible (services.adopt_orphan_workspaces).
     Periodic("adopt_orphan_workspaces", lambda: 300.0, lambda: len(services.adopt_orphan_workspaces())),

@@ -1041,6 +1041,36 @@ def shell(environment: str, session_id: str | None, new: bool, read_only: bool) 
     return attach(current.client, env, session, read_only=read_only, ping=lambda: _ping(current))
 
 
+@cli.command()
+@environment_argument
+@click.argument("ports", nargs=-1, required=True, metavar="[LOCAL:]REMOTE...")
+@json_option
+def forward(environment: str, ports: tuple[str, ...], as_json: bool) -> int:
+    """Forward local TCP ports to ports inside an environment, until Ctrl-C.
+
+    Listens on 127.0.0.1:LOCAL (LOCAL omitted: the same as REMOTE; 0: any
+    free port) and carries each connection over an authenticated websocket
+    to 127.0.0.1:REMOTE inside the environment: no published container ports,
+    no host networking. Needs the member role. A connection to a port nothing
+    listens on is closed, with a note on stderr, and forwarding goes on; if
+    the environment stops, lsl says so and exits 1. --json prints what it
+    bound as one JSON line.
+
+    \b
+    Examples:
+      lsl forward dev 3000                  # http://127.0.0.1:3000/ -> dev:3000
+      lsl forward dev 8080:3000 5432
+      lsl forward dev 0:8000 --json         # [{"local": 41234, "remote": 8000, "url": ...}]
+    """
+    from lsl.forward import forward as run_forward
+    from lsl.forward import parse_specs
+
+    specs = parse_specs(ports)  # bad specs fail before any request (exit 2)
+    client = state().client
+    env = client.find_environment(environment)
+    return run_forward(client, env, specs, as_json=as_json)
+
+
 # --- monitoring ------------------------------------------------------------------------
 
 @cli.command()
@@ -1098,6 +1128,169 @@ def completion(shell_name: str) -> None:
     completer = get_completion_class(shell_name)
     assert completer is not None  # the Choice above only allows the built-in shells
     click.echo(completer(cli, {}, "lsl", "_LSL_COMPLETE").source())
+
+
+# --- ports and public preview links (issue 14) ---------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(text: str) -> int:
+    """Seconds from `90`, `90s`, `30m`, `1h`, `7d`."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else "s"
+    number = value[:-1] if value[-1:] in _DURATION_UNITS else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise UsageFailure(f"--expires {text!r}: expected a duration such as 30m, 1h, 7d or a number of seconds") from None
+    if not (amount > 0 and amount < float("inf")):  # NaN compares false both ways
+        raise UsageFailure(f"--expires {text!r}: the duration must be positive")
+    return round(amount * _DURATION_UNITS[unit])
+
+
+def _port_rows(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Listening and declared ports as one list, one row per port."""
+    declared = {d["port"]: d for d in answer.get("declared") or []}
+    rows = [{"port": p["port"], "name": (declared.get(p["port"]) or {}).get("name", ""),
+             "state": "listening (localhost only)" if p.get("loopback_only") else "listening",
+             "declared": p["port"] in declared, "preview_url": p.get("preview_url")}
+            for p in answer.get("listening") or []]
+    rows += [{"port": d["port"], "name": d.get("name", ""), "state": "declared", "declared": True,
+              "preview_url": d.get("preview_url")} for d in declared.values() if not d.get("listening")]
+    return sorted(rows, key=lambda r: r["port"])
+
+
+@cli.command()
+@environment_argument
+@json_option
+def ports(environment: str, as_json: bool) -> None:
+    """List an environment's ports: those something listens on, and those its template declares.
+
+    PREVIEW is the browser preview's URL (members and admins); reach a port from this machine with
+    'lsl forward'. The server looks every few seconds (CHECKED says when).
+
+    \b
+    Examples:
+      lsl ports dev
+      lsl ports dev --json
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    answer = client.get(f"environments/{env['id']}/ports/")
+    if as_json:
+        return print_json(answer)
+    if answer.get("checked_at"):
+        err.print(f"[dim]{env['name']}: checked {ago(answer['checked_at'])}[/dim]")
+    elif env.get("status") == "running":
+        err.print(f"[dim]{env['name']}: not checked yet (the worker looks every few seconds)[/dim]")
+    table(_port_rows(answer), [
+        ("PORT", lambda r: r["port"]),
+        ("STATE", lambda r: r["state"]),
+        ("NAME", lambda r: r["name"] or "-"),
+        ("PREVIEW", lambda r: r["preview_url"] or "-"),
+    ], empty=f"nothing listens on a TCP port in {env['name']}" + ("" if env.get("status") == "running"
+                                                                   else f" ({env.get('status')})"))
+    return None
+
+
+@cli.group(context_settings=CONTEXT)
+def preview() -> None:
+    """Public preview links: anyone holding one may open a port's preview without signing in.
+
+    Making and revoking them needs the admin role on the environment. A link expires (default: the
+    server's LSL_PREVIEW_LINK_TTL) and its URL is shown only when it is made.
+
+    \b
+    Examples:
+      lsl preview link dev 3000 --expires 1h
+      lsl preview links dev
+      lsl preview revoke dev 5f0c…
+    """
+
+
+@preview.command("link")
+@environment_argument
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--expires", "expires", metavar="DURATION", help="How long it works: 30m, 1h, 7d, or seconds "
+              "(default: the server's LSL_PREVIEW_LINK_TTL).")
+@json_option
+def preview_link(environment: str, port: int, expires: str | None, as_json: bool) -> None:
+    """Make a public link to PORT of an environment; prints its URL (shown this once).
+
+    \b
+    Examples:
+      lsl preview link dev 3000                 # the server's default lifetime
+      lsl preview link dev 3000 --expires 2h
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    body: dict[str, Any] = {"port": port}
+    if expires is not None:
+        body["expires_in"] = _parse_duration(expires)
+    answer = client.post(f"environments/{env['id']}/ports/links/", body)
+    if as_json:
+        return print_json(answer)
+    err.print(f"{env['name']}: public link to port {port} (id {answer['id']}), until {answer['expires_at']}; "
+              f"anyone with the URL may open it. It is not shown again.")
+    click.echo(answer["url"])
+    return None
+
+
+@preview.command("links")
+@environment_argument
+@json_option
+def preview_links(environment: str, as_json: bool) -> None:
+    """List an environment's public preview links (admin role).
+
+    \b
+    Example:
+      lsl preview links dev
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    links = client.get(f"environments/{env['id']}/ports/").get("links")
+    if links is None:
+        raise AuthError(f"only admins of {env['name']} may see its public links (you are {env.get('role')})")
+    if as_json:
+        return print_json(links)
+    table(links, [
+        ("ID", lambda link: link.get("id")),
+        ("PORT", lambda link: link.get("port")),
+        ("TOKEN", lambda link: f"{link.get('token_hint')}…"),
+        ("BY", lambda link: link.get("created_by") or "-"),
+        ("EXPIRES", lambda link: link.get("expires_at")),
+        ("STATE", lambda link: "active" if link.get("active") else "revoked" if link.get("revoked_at") else "expired"),
+    ], empty=f"no public links on {env['name']}")
+    return None
+
+
+@preview.command("revoke")
+@environment_argument
+@click.argument("link_id", metavar="LINK_ID")
+def preview_revoke(environment: str, link_id: str) -> None:
+    """Revoke a public preview link (its id from 'lsl preview links'; a unique prefix will do).
+
+    \b
+    Example:
+      lsl preview revoke dev 5f0c2a1e
+    """
+    client = state().client
+    env = client.find_environment(environment)
+    wanted = link_id.strip().lower()
+    if not wanted:
+        raise UsageFailure("LINK_ID must not be empty")
+    links = client.get(f"environments/{env['id']}/ports/").get("links")
+    if links is None:
+        raise AuthError(f"only admins of {env['name']} may revoke its public links (you are {env.get('role')})")
+    matches = [link for link in links if str(link.get("id", "")).startswith(wanted)]
+    if not matches:
+        raise NotFound(f"no public link {link_id!r} on {env['name']} (see 'lsl preview links {env['name']}')")
+    if len(matches) > 1:
+        raise UsageFailure(f"{link_id!r} matches {len(matches)} links on {env['name']}: give more of the id")
+    link = matches[0]
+    client.delete(f"environments/{env['id']}/ports/links/{link['id']}/")
+    err.print(f"{env['name']}: revoked the public link to port {link['port']} ({link['token_hint']}…)")
 
 
 # --- entry point -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels."""
+"""ASGI entry point: HTTP through Django, websockets through Channels; browser previews (a path
+under /preview/, or a Host under LSL_PREVIEW_DOMAIN) through environments.preview first."""
 
 import gc
 import os
@@ -10,16 +11,17 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from environments.preview import PreviewRouter  # noqa: E402
 from lsl_site import httpserver, shutdown  # noqa: E402
 from lsl_site.routing import websocket_urlpatterns  # noqa: E402
 from sessions.auth import WebsocketAuthMiddleware  # noqa: E402
 
-application = ProtocolTypeRouter(
+application = PreviewRouter(ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
-)
+))
 
 # Request bodies bounded before they are read (daphne would otherwise queue any body whole, in RAM).
 httpserver.install()

@@ -312,6 +312,15 @@ LSL_DEFAULT_DISK_MB = env_int("LSL_DEFAULT_DISK_MB", 10240, minimum=0)
 LSL_DISK_CHECK_INTERVAL = env_float("LSL_DISK_CHECK_INTERVAL", 60.0, minimum=0)  # 0 = never measure
 LSL_DISK_GRACE = env_float("LSL_DISK_GRACE", 900.0, minimum=0)  # seconds to clean up after a disk stop
 
+# Ports (issue 14): `lsl forward` and the browser preview reach an environment's ports through its
+# keeper (127.0.0.1 inside the container), never the host or another container.
+# LSL_PREVIEW_DOMAIN: a wildcard domain (`preview.example.com`, DNS `*.preview.example.com` pointing
+# here) for subdomain previews; empty: previews are path-based (/preview/<env>/<port>/) only.
+LSL_PREVIEW_DOMAIN = env_str("LSL_PREVIEW_DOMAIN", "").strip().strip(".").lower()
+LSL_PREVIEW_LINK_TTL = env_float("LSL_PREVIEW_LINK_TTL", 24 * 3600.0, minimum=60)  # a public link's default lifetime (s)
+LSL_PREVIEW_LINK_MAX_TTL = env_float("LSL_PREVIEW_LINK_MAX_TTL", 7 * 24 * 3600.0, minimum=60)  # the longest one allowed
+LSL_PORT_SCAN_INTERVAL = env_float("LSL_PORT_SCAN_INTERVAL", 5.0, minimum=0)  # worker: listening ports; 0 = never
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

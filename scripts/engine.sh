@@ -57,8 +57,13 @@ fi
 
 mkdir -p "$ROOT/var"
 say "starting dockerd (log: var/dockerd.log)"
+# setsid: dockerd gets a session (and process group) of its own, so it outlives whoever started
+# it: a CI step, a terminal or a tool that kills its job's whole process group when it ends (each
+# of those took the engine, and every container with it, down with them).
+SETSID=""
+command -v setsid >/dev/null 2>&1 && SETSID="setsid"
 # shellcheck disable=SC2086  # DOCKERD_ARGS is a list of flags on purpose
-nohup $SUDO dockerd ${DOCKERD_ARGS:-} >>"$LOG" 2>&1 </dev/null &
+nohup $SUDO $SETSID dockerd ${DOCKERD_ARGS:-} >>"$LOG" 2>&1 </dev/null &
 DOCKERD_PID=$!
 
 for _ in $(seq 1 "$((WAIT * 2))"); do

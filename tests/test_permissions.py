@@ -201,6 +201,12 @@ class World:
 
         add_member(self.team, self.extra)
 
+    def fresh_preview_link(self, caller: str) -> Any:
+        """A public link to the matrix environment's port 8080, made by alice (a call revokes it)."""
+        from environments.ports import do_create_preview_link
+
+        return do_create_preview_link(self.env, 8080, by=self.people.owner)[0]
+
     def remember_created(self, caller: str, data: Any) -> str | None:
         self.created_envs.append(data["id"])
         return None
@@ -279,6 +285,17 @@ def sees_private_template(w: World, caller: str, data: Any) -> str | None:
 
 def sees_team_quota(w: World, caller: str, data: Any) -> str | None:
     return visibility(caller in TEAM_MEMBERS, "platform" in {t["team"] for t in data["teams"]}, "team platform's quota")
+
+
+def sees_ports(w: World, caller: str, data: Any) -> str | None:
+    """Public links are for the environment's admins only; a viewer gets no preview URL to follow."""
+    admin = ENV_RANK[caller] >= RANK["admin"]
+    problem = visibility(admin, data["links"] is not None, "the public links")
+    may_open = ENV_RANK[caller] >= RANK["member"]
+    urls = [p["preview_url"] for p in data["listening"] + data["declared"]]
+    if any(url is not None for url in urls) and not may_open:
+        problem = problem or "LEAK: a preview URL offered to a viewer"
+    return problem
 
 
 def is_me(w: World, caller: str, data: Any) -> str | None:
@@ -403,6 +420,12 @@ CASES: list[Case] = [
          body=lambda w, c: {"command": ["true"]}, check=exec_succeeded),
     Case("environment-snapshot", "post", on_env("admin", 201), kwargs=env_kwargs, check=World.remember_template,
          body=lambda w, c: {"slug": w.unique(f"matrix-snap-{c.replace('_', '-')}"), "include_workspace": False}),
+    # Ports (issue 14): viewers see what listens; public preview links are made and revoked by admins.
+    Case("environment-ports", "get", on_env("viewer", 200), kwargs=env_kwargs, check=sees_ports),
+    Case("environment-port-links", "post", on_env("admin", 201), kwargs=env_kwargs,
+         body=lambda w, c: {"port": 8080, "expires_in": 3600}),
+    Case("environment-port-link", "delete", on_env("admin", 204), prepare=World.fresh_preview_link,
+         kwargs=lambda w, t: {"pk": w.env.pk, "link_id": t.pk}),
     # Terminal sessions: viewers list and watch (and download recordings); members open; the creator or an
     # admin ends one (here the creator is meg, the "member").
     Case("environment-sessions", "get", on_env("viewer", 200), kwargs=lambda w, t: {"env_id": w.env.pk}),
@@ -591,7 +614,7 @@ def test_options_and_head_on_a_hidden_environment_say_what_a_missing_one_says(pe
     problems: list[str] = []
     for name, (params, methods) in sorted(routes.items()):
         def url(env_id: Any, name: str = name, params: set[str] = params) -> str:
-            values = {"pk": env_id, "env_id": env_id, "grant_id": f"user-{people.viewer.pk}"}
+            values = {"pk": env_id, "env_id": env_id, "grant_id": f"user-{people.viewer.pk}", "link_id": uuid.uuid4()}
             return api_reverse(name, {param: values[param] for param in params})
 
         hidden_options, missing_options = outsider.options(url(env.pk)), outsider.options(url(missing))
@@ -646,6 +669,13 @@ WS_CASES: list[WsCase] = [
            variant="ended session"),
     WsCase("ws/sessions/<uuid:session_id>/", lambda w: f"/ws/sessions/{uuid.uuid4()}/",
            ws_expect(**{caller: "refused" for caller in PEOPLE}), variant="no such session"),
+    # A port nothing listens on: "port_closed" means the caller got past the access check to the keeper.
+    WsCase("ws/environments/<uuid:environment_id>/forward/<int:port>/", lambda w: f"/ws/environments/{w.env.pk}/forward/9/",
+           ws_expect(outsider="not_found", viewer="permission_denied", staff="permission_denied",
+                     **{caller: "port_closed" for caller in ("member", "admin", "owner", "team_member")})),
+    WsCase("ws/environments/<uuid:environment_id>/forward/<int:port>/",
+           lambda w: f"/ws/environments/{uuid.uuid4()}/forward/9/",
+           ws_expect(**{caller: "not_found" for caller in PEOPLE}), variant="no such environment"),
 ]
 
 
@@ -726,6 +756,12 @@ def env_id_of(frame: dict[str, Any]) -> Any:
     return about.get("id") if isinstance(about, dict) else about
 
 
+def forward_outcome(conn: Connection) -> str:
+    """A forward's answer: "ready", or the code of its one error frame (then it closes)."""
+    first = conn.frames(lambda f: f.get("type") == "ready" or "error" in f)[-1]
+    return "ready" if first.get("type") == "ready" else first["error"]["code"]
+
+
 def terminal_outcome(conn: Connection) -> str:
     from websockets.exceptions import ConnectionClosed
 
@@ -804,6 +840,8 @@ def test_websocket_permission_matrix(people: Any, make_env: Any, live_server_pro
             try:
                 if conn.refused is not None:
                     outcomes[(case.label, caller)] = "refused" if conn.refused == 403 else f"http {conn.refused}"
+                elif "/forward/" in case.route:
+                    outcomes[(case.label, caller)] = forward_outcome(conn)
                 else:
                     outcomes[(case.label, caller)] = terminal_outcome(conn)
             finally:

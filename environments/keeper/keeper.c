@@ -17,10 +17,17 @@
  * a newer one takes over and the older is told so ('T'); the server's own lease decides who may.
  * While nobody is attached the shell keeps running and its output goes to the ring.
  *
+ * It is also the way in to the container's TCP ports (`lsl forward`, the browser preview): a 'T'
+ * request forks a child that connects to 127.0.0.1:<port> (then ::1) and from then on copies raw
+ * bytes both ways, so LSL never needs the container's address or a published port, and can reach
+ * nothing but the container's own loopback. 'N' lists its listening sockets (/proc/net/tcp*).
+ *
  * Wire format (both ways): type (1 byte), payload length (4 bytes, big-endian), payload.
  * The protocol is documented in docs/protocol.md ("The session keeper").
  *
- * Threading: one thread, one poll() loop; children are reaped on SIGCHLD through a self-pipe.
+ * Threading: one thread, one poll() loop; children (shells and tunnels) are reaped on SIGCHLD
+ * through a self-pipe. A tunnel is a process of its own, so a flood through it never delays a
+ * terminal, and it holds no descriptor of the daemon's.
  */
 
 #define _GNU_SOURCE
@@ -33,9 +40,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -43,7 +54,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define KEEPER_VERSION "2"
+#define KEEPER_VERSION "3"
 #define DEFAULT_SOCKET "/.lsl/run/keeper.sock"
 #define DEFAULT_RING (2u << 20)      /* bytes of output kept per session */
 #define MAX_FRAME (1u << 20)         /* largest payload a client may send */
@@ -467,11 +478,192 @@ static void handle_list(Client *c) {
     c->closing = 1;
 }
 
+/* ---- tunnels: a raw byte pipe to a TCP port inside the container ------------------------- */
+
+#define TUNNEL_BUF (64u << 10)       /* bytes in flight per direction */
+#define CONNECT_TIMEOUT_S 10
+
+/* Write all of `n` bytes to a non-blocking fd, waiting for room (only for the short reply frame). */
+static int write_all_fd(int fd, const void *data, size_t n) {
+    const unsigned char *p = data;
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) { struct pollfd pf = {.fd = fd, .events = POLLOUT}; poll(&pf, 1, 1000); continue; }
+            return -1;
+        }
+        p += w; n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void write_frame_fd(int fd, char type, const char *text) {
+    size_t n = text ? strlen(text) : 0;
+    unsigned char head[5] = {(unsigned char)type, (unsigned char)(n >> 24), (unsigned char)(n >> 16),
+                             (unsigned char)(n >> 8), (unsigned char)n};
+    if (write_all_fd(fd, head, 5) == 0 && n) write_all_fd(fd, text, n);
+}
+
+/* A blocking connect to loopback (SO_SNDTIMEO bounds it: a full accept queue would otherwise stall
+ * for the kernel's SYN retries); -1 with errno on failure. */
+static int connect_loopback(int family, unsigned port) {
+    int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    struct timeval tv = {.tv_sec = CONNECT_TIMEOUT_S};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    int rc;
+    if (family == AF_INET) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+    } else {
+        struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port), .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+        rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+    }
+    if (rc < 0) { int saved = errno; close(fd); errno = saved; return -1; }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* a pipe adds no batching of its own */
+    return fd;
+}
+
+/* Close every descriptor but 0-2 and `keep`: the child must not hold the listening socket (a
+ * restarted keeper could not bind), other clients (they would never see EOF) or a PTY master (the
+ * session would not end with its shell). */
+static int close_all_but(int keep) {
+    if (keep != 3) { if (dup2(keep, 3) < 0) _exit(1); keep = 3; }
+    if (close_range(4, ~0u, 0) == 0) return keep;
+    long max = sysconf(_SC_OPEN_MAX); /* a kernel before 5.9 */
+    if (max < 0 || max > 1 << 20) max = 1 << 20;
+    for (int fd = 4; fd < max; fd++) close(fd);
+    return keep;
+}
+
+typedef struct {
+    int from, to;
+    unsigned char *buf;
+    size_t cap, len, off;
+    int eof;                 /* `from` gave EOF (or failed): nothing more to read */
+    int done;                /* EOF passed on (shutdown of `to`), or `to` failed */
+} Pipe;
+
+/* Move what can move without blocking, given what poll() said about each end. */
+static void pump(Pipe *p, short from_ev, short to_ev) {
+    if (p->done) return;
+    if (p->len > p->off && (to_ev & (POLLOUT | POLLERR | POLLHUP))) {
+        ssize_t w = write(p->to, p->buf + p->off, p->len - p->off);
+        if (w > 0) { p->off += (size_t)w; if (p->off == p->len) p->off = p->len = 0; }
+        else if (w < 0 && errno != EAGAIN && errno != EINTR) { p->done = 1; return; } /* the reader is gone */
+    }
+    if (!p->eof && p->len == 0 && (from_ev & (POLLIN | POLLHUP | POLLERR))) {
+        ssize_t r = read(p->from, p->buf, p->cap);
+        if (r > 0) {
+            p->len = (size_t)r;
+            ssize_t w = write(p->to, p->buf, p->len); /* usually there is room: save a poll round */
+            if (w > 0) { p->off = (size_t)w; if (p->off == p->len) p->off = p->len = 0; }
+            else if (w < 0 && errno != EAGAIN && errno != EINTR) { p->done = 1; return; }
+        } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) p->eof = 1;
+    }
+    if (p->eof && p->len == p->off) { shutdown(p->to, SHUT_WR); p->done = 1; } /* half-close, passed on */
+}
+
+/* The tunnel child: connect, answer 't' or 'E', then copy bytes both ways until both directions
+ * are done. `early` is what the client sent behind its 'T' frame (already read by the keeper). */
+static void run_tunnel(int client, unsigned port, const unsigned char *early, size_t early_len) {
+    int target = connect_loopback(AF_INET, port);
+    if (target < 0 && errno == ECONNREFUSED) {
+        int fd6 = connect_loopback(AF_INET6, port); /* a server on ::1 only (Node's "localhost") */
+        if (fd6 >= 0) target = fd6; else errno = ECONNREFUSED; /* no IPv6 at all says nothing new */
+    }
+    if (target < 0) {
+        char msg[160];
+        if (errno == ECONNREFUSED) snprintf(msg, sizeof msg, "nothing is listening on port %u in this environment", port);
+        else snprintf(msg, sizeof msg, "cannot connect to port %u in this environment: %s", port, strerror(errno));
+        write_frame_fd(client, 'E', msg);
+        _exit(1);
+    }
+    set_nonblock(target);
+    set_nonblock(client);
+    write_frame_fd(client, 't', NULL);
+    Pipe up = {.from = client, .to = target, .cap = early_len > TUNNEL_BUF ? early_len : TUNNEL_BUF};
+    Pipe down = {.from = target, .to = client, .cap = TUNNEL_BUF};
+    up.buf = malloc(up.cap);
+    down.buf = malloc(down.cap);
+    if (!up.buf || !down.buf) _exit(1);
+    memcpy(up.buf, early, early_len);
+    up.len = early_len;
+    while (!(up.done && down.done)) {
+        struct pollfd p[2] = {{.fd = client}, {.fd = target}};
+        if (!up.done && !up.eof && up.len == 0) p[0].events |= POLLIN;
+        if (!down.done && down.len > down.off) p[0].events |= POLLOUT;
+        if (!down.done && !down.eof && down.len == 0) p[1].events |= POLLIN;
+        if (!up.done && up.len > up.off) p[1].events |= POLLOUT;
+        /* An end we wait for nothing on is left out: a hung-up socket would wake poll() at once, forever. */
+        for (int i = 0; i < 2; i++) if (!p[i].events) p[i].fd = -1;
+        if (poll(p, 2, -1) < 0) { if (errno == EINTR) continue; _exit(1); }
+        pump(&up, p[0].revents, p[1].revents);
+        pump(&down, p[1].revents, p[0].revents);
+        /* POLLHUP: that socket is shut both ways (the client closed, the service reset): nothing more
+         * can be written to it, so that direction is over even if it had nothing to say; the other
+         * direction still passes on what was sent, then the EOF. */
+        if (p[0].revents & POLLHUP) down.done = 1;
+        if (p[1].revents & POLLHUP) up.done = 1;
+    }
+    _exit(0);
+}
+
+static void handle_tunnel(Client *c, unsigned char *payload, size_t n) {
+    unsigned port = 0;
+    int ok = n >= 1 && n <= 5;
+    for (size_t i = 0; ok && i < n; i++) {
+        if (payload[i] < '0' || payload[i] > '9') ok = 0;
+        else port = port * 10 + (unsigned)(payload[i] - '0');
+    }
+    if (!ok || port < 1 || port > 65535) { put_text(c, 'E', "bad port"); c->closing = 1; return; }
+    /* Bytes the client sent right behind the request are in our buffer: they belong to the tunnel. */
+    const unsigned char *early = payload + n;
+    size_t early_len = (size_t)(c->inb + c->in_len - early);
+    pid_t pid = fork();
+    if (pid < 0) { put_text(c, 'E', "fork failed"); c->closing = 1; return; }
+    if (pid == 0) {
+        struct sigaction dfl = {.sa_handler = SIG_DFL};
+        sigemptyset(&dfl.sa_mask);
+        sigaction(SIGCHLD, &dfl, NULL); sigaction(SIGTERM, &dfl, NULL); sigaction(SIGINT, &dfl, NULL);
+        signal(SIGPIPE, SIG_IGN); /* a write to a vanished peer is an error to handle, not a death */
+        run_tunnel(close_all_but(c->fd), port, early, early_len);
+    }
+    /* The child has the connection now: drop ours without a shutdown (that would end the child's too),
+     * and do not parse what follows the request. reap_children ignores pids that are not sessions. */
+    c->closing = 2;
+}
+
+/* The container's TCP sockets as the kernel lists them (this process is in its network namespace). */
+static void handle_netstat(Client *c) {
+    char *text = NULL;
+    size_t size = 0;
+    FILE *f = open_memstream(&text, &size);
+    if (!f) { c->closing = 1; return; }
+    const char *files[2] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    char buf[8192];
+    for (int i = 0; i < 2; i++) {
+        FILE *in = fopen(files[i], "r"); /* tcp6 is missing without IPv6 */
+        if (!in) continue;
+        size_t r;
+        while ((r = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, r, f);
+        fclose(in);
+    }
+    fclose(f);
+    put_frame(c, 'n', text, size);
+    free(text);
+    c->closing = 1;
+}
+
 static void handle_frame(Client *c, unsigned char type, unsigned char *payload, size_t n) {
     Session *s = c->session;
     if (!s) {
         if (type == 'O') { handle_open(c, payload, n); return; }
         if (type == 'L') { handle_list(c); return; }
+        if (type == 'T') { handle_tunnel(c, payload, n); return; }
+        if (type == 'N') { handle_netstat(c); return; }
         if (type == 'K' || type == 'F') {
             char id[65];
             if (n == 0 || n > 64) { put_text(c, 'E', "bad id"); c->closing = 1; return; }
@@ -485,7 +677,7 @@ static void handle_frame(Client *c, unsigned char type, unsigned char *payload, 
             c->closing = 1;
             return;
         }
-        put_text(c, 'E', "expected O, L, K or F");
+        put_text(c, 'E', "expected O, L, K, F, T or N");
         c->closing = 1;
         return;
     }

@@ -6,6 +6,7 @@
 // Exposes window.LSL.mountEnvironment({envId, role, canUse, canAdmin}); the page calls it once.
 import { describeProgress, describeStopReason, h, statusClass, timeElement } from "./render.js";
 import { describeStreamState, environmentIdOf, openEventStream, pageCursor } from "./events.js";
+import { mountPorts } from "./ports.js";
 
 function mountEnvironment({ envId, role, canUse, canAdmin }) {
   const api = window.lslApi;
@@ -23,6 +24,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
   let status = statusEl.textContent.trim();
   let sessions = null; // null until the first load answers
   let gone = false;
+  const ports = mountPorts({ envId, canUse, canAdmin });
 
   // --- the environment ---------------------------------------------------------------------------
 
@@ -67,6 +69,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
     if (env.status !== status) {
       status = env.status;
       renderControls();
+      ports.load(); // a stopped environment has nothing listening; a started one gets its previews
     }
   }
 
@@ -166,7 +169,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
 
   const stream = openEventStream({
     since: pageCursor(),
-    refetch: () => Promise.all([loadEnvironment(), loadSessions()]),
+    refetch: () => Promise.all([loadEnvironment(), loadSessions(), ports.load()]),
     onState: (state, s) => {
       if (!gone) liveEl.textContent = describeStreamState(state, s);
       liveEl.dataset.state = state;
@@ -175,6 +178,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
   const mine = (callback) => (event) => { if (environmentIdOf(event) === envId) callback(event); };
   stream.on("environment.changed", mine((event) => applyEnvironment(event.environment)));
   stream.on("environment.deleted", mine(() => markGone("This environment was deleted.")));
+  stream.on("environment.ports", mine(() => ports.load())); // listening ports or public links changed
   stream.on("session.opened", onSession);
   stream.on("session.presence", onSession);
   stream.on("session.ended", onSession);
