@@ -51,6 +51,12 @@ def public_url_for(request: Request, token: str) -> str:
     return preview_urls.public_link_url(token, _host(request), request.scheme)
 
 
+def _url_template(request: Request, env: Environment) -> str:
+    from environments import preview_urls
+
+    return preview_urls.preview_url_template(env.pk, _host(request), request.scheme)
+
+
 def ports_view(request: Request, env: Environment, role: Role) -> dict[str, Any]:
     """The ports answer (also what the environment page renders first)."""
     # A viewer may not open a preview, and a host-network environment has none: no link to follow.
@@ -71,6 +77,7 @@ def ports_view(request: Request, env: Environment, role: Role) -> dict[str, Any]
         "declared": [{"port": p["port"], "name": p.get("name") or "", "listening": p["port"] in listening_ports,
                       "preview_url": url(p["port"])} for p in declared],
         "checked_at": env.ports_checked_at,
+        "preview_url_template": _url_template(request, env) if can_open else None,
         "links": links,
     }
 

@@ -19,6 +19,19 @@ Wire protocol (docs/usage.md, "lsl forward"; the CLI side is lsl/forward.py):
   write went out would otherwise deadlock both directions).
 * Half-close: `{"type": "eof"}` each way (the tunnel's or the local socket's write side is shut);
   the server closes with 1000 once both directions have ended. A websocket close ends both.
+* Spare connection (`?spare=1`; the CLI keeps a few per forwarded port, lsl/forward.py Spares): the
+  handshake, token and access check happen ahead of need and the server answers
+  `{"type": "standby", "port": N}` with no tunnel, the connection being watched like an open one
+  (below). The client's `{"type": "open"}` opens the tunnel, then `ready` and bytes as above; the
+  client may send its first bytes right after `open`: they are held until the tunnel is open and
+  the check passed. When both directions have ended cleanly the tunnel is closed and the server
+  says `standby` again instead of closing: the next local connection reuses the websocket. A new
+  TCP connection thus costs the tunnel (~1 ms) instead of a websocket handshake, token lookup and
+  access check (~10 ms, mostly thread hops on a busy daphne). The check is re-run when a spare is
+  opened more than RECHECK_AFTER after its last one (alongside the tunnel, which carries nothing
+  until it passed), and a spare is not opened more than SPARE_MAX_AGE after its handshake.
+* Passed checks are reused for CHECK_TTL seconds per (user, environment) (CheckCache), forgotten on
+  any event that could change them: the same events that close open connections.
 * Control connection (`?control=1`): the CLI keeps one per forwarded port for as long as it
   forwards. No tunnel: it checks access (so a viewer fails before anything is bound), says
   `{"type": "ready", "port": N, "control": true, "listening": bool|null}`, and is where the audit
@@ -53,6 +66,7 @@ from urllib.parse import parse_qs
 
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 from rest_framework import exceptions as drf
@@ -78,6 +92,9 @@ FLUSH_EVERY = 5.0  # seconds between PortTraffic updates while bytes flow
 AUDIT_QUIET = 60.0  # a data connection outside any control connection is audited if none was for this long
 REFUSED_AUDIT_EVERY = 5.0  # one access_refused row per (user, environment, port) this often at most
 TUNNEL_TIMEOUT = 15.0
+RECHECK_AFTER = 2.0  # a spare's access check is re-run when it is opened if older than this (see the module doc)
+CHECK_TTL = 2.0  # seconds a passed access check is reused for the same (user, environment): class CheckCache
+SPARE_MAX_AGE = 60.0  # a spare is authenticated once: it is not opened after this many seconds
 CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAVAILABLE = 4400, 4403, 4404, 4409
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
@@ -125,17 +142,19 @@ class Request:
     port: int | None  # None: not a port (the refusal says why)
     control: bool
     session: str | None
+    spare: bool = False  # the tunnel waits for the client's {"type": "open"} (the module doc)
 
 
 def parse_request(port: Any, query_string: bytes) -> Request:
     query = parse_qs(query_string.decode("latin-1"))
     control = (query.get("control") or [""])[0] in ("1", "true")
+    spare = not control and (query.get("spare") or [""])[0] in ("1", "true")
     session = (query.get("session") or [""])[0]
     try:
         checked: int | None = ports.check_port(port)
     except DomainError:
         checked = None
-    return Request(checked, control, session if SESSION_RE.match(session) else None)
+    return Request(checked, control, session if SESSION_RE.match(session) else None, spare)
 
 
 class Window:
@@ -210,6 +229,7 @@ class TrafficCounter:
 
     def __init__(self) -> None:
         self.pending: dict[tuple[str, int], list[int]] = {}  # [connections, to environment, from environment]
+        self.flushed_at: dict[tuple[str, int], float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add(self, key: tuple[str, int], connections: int = 0, to_env: int = 0, from_env: int = 0) -> None:
@@ -220,9 +240,21 @@ class TrafficCounter:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
 
+    async def closed(self, key: tuple[str, int]) -> None:
+        """A connection of `key` closed: its counts are written now, unless they were less than
+        FLUSH_EVERY ago (then by the periodic task, within FLUSH_EVERY). A page load closes dozens
+        of connections at once: one write per burst, not one each, competing with the next
+        connections' access checks for the database threads."""
+        if time.monotonic() - self.flushed_at.get(key, -FLUSH_EVERY) >= FLUSH_EVERY:
+            await self.flush(key)
+
     async def flush(self, key: tuple[str, int] | None = None) -> None:
         keys = [key] if key is not None else list(self.pending)
+        now = time.monotonic()
+        if len(self.flushed_at) > 10000:
+            self.flushed_at.clear()
         for k in keys:
+            self.flushed_at[k] = now
             counts = self.pending.pop(k, None)
             if counts and any(counts):
                 try:
@@ -262,12 +294,12 @@ class Watchers:
     def __init__(self) -> None:
         self.by_env: dict[str, set[ForwardConsumer]] = {}
         self._bus: events.EventBus | None = None
-        self._key: int | None = None
+        self.bus_key: int | None = None
 
     async def add(self, consumer: ForwardConsumer) -> None:
         bus = await events.bus()
         if self._bus is not bus:
-            self._bus, self._key = bus, bus.subscribe(self._on_event)
+            self._bus, self.bus_key = bus, bus.subscribe(self._on_event)
         self.by_env.setdefault(consumer.environment_id, set()).add(consumer)
 
     def discard(self, consumer: ForwardConsumer) -> None:
@@ -279,6 +311,7 @@ class Watchers:
 
     def _on_event(self, record: events.EventRecord) -> None:
         """On the loop, must not block."""
+        CHECKS.on_event(record)
         if record.kind == "team.changed":
             concerned = [c for cs in self.by_env.values() for c in cs if c.user.pk in record.user_ids]
             if concerned:
@@ -307,6 +340,54 @@ class Watchers:
 WATCHERS = Watchers()
 
 
+class CheckCache:
+    """Passed access checks, by (user, environment), reused for CHECK_TTL seconds: a page load opens
+    dozens of connections, and each check is a database query through a thread (a hop that costs
+    milliseconds on a busy daphne). Safe because it is forgotten on every event that can change the
+    verdict, the very events that close open connections (Watchers), and kept only while this
+    process hears them; a check that was running when such an event came is not kept."""
+
+    FORGET_ON = ("environment.", "access.", "team.")  # environment.changed/deleted, access.changed, team.changed
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, str], tuple[float, Environment]] = {}
+        self.generation = 0
+
+    def get(self, user_id: int, environment_id: str) -> Environment | None:
+        entry = self.entries.get((user_id, environment_id))
+        if entry is None or time.monotonic() - entry[0] > CHECK_TTL:
+            return None
+        return entry[1]
+
+    def put(self, user_id: int, environment_id: str, env: Environment, generation: int, at: float) -> None:
+        if generation != self.generation or WATCHERS.bus_key is None:
+            return
+        if len(self.entries) > 10000:
+            self.entries.clear()
+        self.entries[(user_id, environment_id)] = (at, env)
+
+    def on_event(self, record: events.EventRecord) -> None:
+        if record.kind.startswith(self.FORGET_ON) and record.kind != "environment.ports":
+            self.generation += 1
+            self.entries.clear()
+
+
+CHECKS = CheckCache()
+
+
+async def checked_environment(environment_id: Any, user: Any, *, cached: bool = True) -> Environment:
+    """The environment if `user` may reach its ports now (ports.require_port_access), else raises."""
+    key = str(environment_id)
+    if cached:
+        env = CHECKS.get(user.pk, key)
+        if env is not None:
+            return env
+    generation, at = CHECKS.generation, time.monotonic()
+    env = await dbpool.run(_check, environment_id, user)
+    CHECKS.put(user.pk, key, env, generation, at)
+    return env
+
+
 async def _recheck(consumers: list[ForwardConsumer]) -> None:
     """Check each (user, environment) once; close the connections of those who may no longer connect."""
     verdicts: dict[tuple[int, str], Refusal | None] = {}
@@ -330,6 +411,19 @@ async def _recheck(consumers: list[ForwardConsumer]) -> None:
 
 
 # --- the consumer ----------------------------------------------------------------------------------
+
+def _discard_tunnel(task: asyncio.Future[Any]) -> None:
+    """A tunnel being opened that will not be used: cancelled, or closed once it is open."""
+    def close(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    if task.done():
+        close(task)
+    else:
+        task.cancel()
+        task.add_done_callback(close)
+
 
 _EOF = object()
 
@@ -357,7 +451,8 @@ class ForwardConsumer(AsyncWebsocketConsumer):
             return
         self.port, self.request = request.port, request
         try:
-            env = await dbpool.run(_check, kwargs["environment_id"], user)
+            # Control connections are checked afresh: they are one per forward, and say "listening".
+            env = await checked_environment(kwargs["environment_id"], user, cached=not request.control)
         except Exception as exc:
             refusal = refusal_for(exc)
             if refusal is None:
@@ -371,6 +466,8 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         self.opened_at = time.monotonic()
         if request.control:
             await self._open_control(env)
+        elif request.spare:
+            await self._standby(env)
         else:
             await self._open_data(env)
 
@@ -395,30 +492,24 @@ class ForwardConsumer(AsyncWebsocketConsumer):
 
     # --- data --------------------------------------------------------------------------------
 
-    async def _open_data(self, env: Environment) -> None:
-        from environments import keeper
+    async def _standby(self, env: Environment) -> None:
+        """A spare: checked and watched now (an event closes it like any open connection), its
+        tunnel opened when the client says `open`."""
+        self.env, self.opening = env, None
+        self.authenticated_at = self.checked_at = time.monotonic()
+        await WATCHERS.add(self)
+        await self._send_json({"type": "standby", "port": self.port})
 
+    def _begin_data(self) -> None:
+        """State of a data connection from the moment bytes may arrive (a spare's client sends them
+        right after `open`): queued in the inbox, carried only once the tunnel is attached."""
         session = self.request.session
         self.tally = SESSIONS.get((session, self.user.pk, self.environment_id, self.port)) if session else None
-        self.audited = False
+        self.audit_task: asyncio.Future[bool] | None = None
         if self.tally is None:
-            self.audited = await dbpool.run(_audit_opened_unless_recent, env.pk, self.user.pk, self.port)
-        try:
-            self.tunnel = await asyncio.wait_for(
-                keeper.open_tunnel(env.container_id, env.pk, in_docker_thread, self.port), timeout=TUNNEL_TIMEOUT)
-            self.reader, self.writer = await self.tunnel.streams()
-        except asyncio.TimeoutError:
-            await self.refuse(Refusal("tunnel_failed", f"The environment did not connect to port {self.port} within "
-                                                       f"{TUNNEL_TIMEOUT:.0f} s.", CLOSE_UNAVAILABLE))
-            return
-        except Exception as exc:
-            refusal = refusal_for(exc)
-            if refusal is None:
-                if not isinstance(exc, (OSError, EOFError)) and exc.__class__.__name__ != "KeeperError":
-                    log.exception("forward: tunnel to %s:%s failed", env.pk, self.port)
-                refusal = Refusal("tunnel_failed", str(exc) or exc.__class__.__name__, CLOSE_UNAVAILABLE)
-            await self.refuse(refusal)
-            return
+            # In parallel, not before `ready`: the audit row is the log's business, not the connection's.
+            self.audit_task = asyncio.ensure_future(
+                dbpool.run(_audit_opened_unless_recent, self.environment_id, self.user.pk, self.port))
         self.to_env = self.from_env = 0
         self.out = Window()  # tunnel → client
         self.out_open = asyncio.Event()
@@ -427,10 +518,74 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         self.queued = 0
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.client_eof = self.tunnel_eof = False
+
+    async def _open_data(self, env: Environment) -> None:
+        self._begin_data()
+        await self._start_data(env, recheck=False)
+
+    async def _open_spare(self) -> None:
+        """The client took this spare for a new local connection."""
+        self.opened_at = time.monotonic()
+        self._begin_data()
+        # The check passed at most RECHECK_AFTER ago, and any change of role or state since then
+        # would have closed this connection (WATCHERS); older, it is re-run alongside the tunnel.
+        recheck = time.monotonic() - self.checked_at > RECHECK_AFTER
+        if recheck:
+            self.checked_at = time.monotonic()
+        await self._start_data(self.env, recheck=recheck)
+
+    async def _start_data(self, env: Environment, recheck: bool) -> None:
+        """Open the tunnel (with the access check in parallel when `recheck`), say `ready` and
+        start carrying bytes. Nothing is carried before the check has passed: a refused check
+        closes the tunnel unused."""
+        from environments import keeper
+
+        tunnel_task = asyncio.ensure_future(asyncio.wait_for(
+            keeper.open_tunnel(env.container_id, env.pk, in_docker_thread, self.port), timeout=TUNNEL_TIMEOUT))
+        try:
+            if recheck:
+                try:
+                    await checked_environment(self.environment_id, self.user)
+                except Exception as exc:
+                    _discard_tunnel(tunnel_task)
+                    refusal = refusal_for(exc)
+                    if refusal is None:
+                        raise
+                    if refusal.close_code == CLOSE_NOT_FOUND and refusal.code == "not_found":
+                        # They could see it a moment ago: "no such environment" would puzzle them.
+                        refusal = Refusal("access_revoked", "Your access to the environment was revoked.",
+                                          CLOSE_FORBIDDEN)
+                    if refusal.close_code == CLOSE_FORBIDDEN:
+                        await self._audit_refused(self.environment_id, refusal)
+                    await self.refuse(refusal)
+                    return
+            tunnel = await tunnel_task
+            if self.closed:  # refused (an event) or the client went while the tunnel was opening
+                tunnel.close()
+                return
+            self.tunnel = tunnel
+            self.reader, self.writer = await tunnel.streams()
+        except asyncio.TimeoutError:
+            await self.refuse(Refusal("tunnel_failed", f"The environment did not connect to port {self.port} within "
+                                                       f"{TUNNEL_TIMEOUT:.0f} s.", CLOSE_UNAVAILABLE))
+            return
+        except asyncio.CancelledError:
+            _discard_tunnel(tunnel_task)
+            raise
+        except Exception as exc:
+            refusal = refusal_for(exc)
+            if refusal is None:
+                if not isinstance(exc, (OSError, EOFError)) and exc.__class__.__name__ != "KeeperError":
+                    log.exception("forward: tunnel to %s:%s failed", env.pk, self.port)
+                refusal = Refusal("tunnel_failed", str(exc) or exc.__class__.__name__, CLOSE_UNAVAILABLE)
+            await self.refuse(refusal)
+            return
+        self.attached = True
         COUNTER.add(self.key, connections=1)
         if self.tally is not None:
             self.tally.connections += 1
-        await WATCHERS.add(self)
+        if not self.request.spare:  # a spare is watched since its standby
+            await WATCHERS.add(self)
         await self._send_json({"type": "ready", "port": self.port})
         self.pump_out = asyncio.create_task(self._tunnel_to_client())
         self.pump_in = asyncio.create_task(self._client_to_tunnel())
@@ -451,8 +606,8 @@ class ForwardConsumer(AsyncWebsocketConsumer):
             log.debug("forward %s:%s: tunnel read ended (%s)", self.environment_id, self.port, exc)
             await self.close(code=1000)
             return
-        self.tunnel_eof = True
         await self._send_json({"type": "eof"})
+        self.tunnel_eof = True  # after the eof is sent: a recycled spare's `standby` must follow it
         await self._finish_if_done()
 
     async def _client_to_tunnel(self) -> None:
@@ -488,11 +643,44 @@ class ForwardConsumer(AsyncWebsocketConsumer):
 
     async def _finish_if_done(self) -> None:
         if self.tunnel_eof and self.client_eof:
-            await self.close(code=1000)
+            if self.request.spare and not self.closed:
+                await self._recycle()
+            else:
+                await self.close(code=1000)
+
+    async def _recycle(self) -> None:
+        """A spare whose connection ended cleanly (eof both ways) is a spare again: the client may
+        open its next connection on it, without a new handshake. Called by the last pump to end."""
+        self.tunnel.close()
+        self._connection_ended()
+        for name in ("inbox", "tunnel", "reader", "writer", "pump_out", "pump_in", "_eof_sent"):
+            self.__dict__.pop(name, None)
+        self.attached, self.opening = False, None
+        await self._send_json({"type": "standby", "port": self.port})
+
+    def _connection_ended(self) -> None:
+        """Counted and audited off the critical path (a database write each, at most)."""
+        if getattr(self, "attached", False):
+            asyncio.create_task(COUNTER.closed(self.key))
+        audit_task, self.audit_task = getattr(self, "audit_task", None), None
+        if audit_task is not None:
+            asyncio.create_task(self._audit_closed(audit_task, self.to_env, self.from_env, self.opened_at))
+
+    async def _audit_closed(self, audit_task: asyncio.Future[bool], to_env: int, from_env: int, opened_at: float) -> None:
+        try:
+            if await audit_task:
+                await dbpool.run(_audit, self.environment_id, self.user.pk, PortAuditKind.FORWARD_CLOSED, self.port,
+                                 connections=1, bytes_to_environment=to_env, bytes_from_environment=from_env,
+                                 seconds=round(time.monotonic() - opened_at, 1))
+        except Exception:  # the row is lost, the connection was not
+            log.exception("forward: auditing a connection to %s:%s failed", self.environment_id, self.port)
 
     # --- client → server ------------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self._idle_spare():
+            await self._receive_standby(text_data, bytes_data)
+            return
         if not hasattr(self, "inbox"):  # control, or refused and closing: nothing to take
             return
         if bytes_data is not None:
@@ -526,6 +714,29 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         else:
             await self._error("bad_message", f"unknown message type {kind[:64]!r}")
 
+    def _idle_spare(self) -> bool:
+        """A spare not yet opened (its check passed: `env` is set only then)."""
+        return getattr(self, "env", None) is not None and self.opening is None
+
+    async def _receive_standby(self, text_data: str | None, bytes_data: bytes | None) -> None:
+        if bytes_data is not None:
+            await self.refuse(Refusal("bad_message", "bytes before open", CLOSE_BAD_REQUEST))
+            return
+        message, problem = parse_client_message(text_data)
+        if message is None:
+            await self._error("bad_message", problem)
+        elif message["type"] == "open":
+            if time.monotonic() - self.authenticated_at > SPARE_MAX_AGE:
+                await self.refuse(Refusal("spare_expired", f"A spare connection is opened within {SPARE_MAX_AGE:.0f} s "
+                                                           "of its handshake.", CLOSE_BAD_REQUEST))
+                return
+            # A task: the frames that follow `open` (the client's first bytes) are taken meanwhile.
+            self.opening = asyncio.create_task(self._open_spare())
+        elif message["type"] == "ping":
+            await self._send_json({"type": "pong"})
+        elif message["type"] != "ack":  # acks of the previous connection's last bytes may follow its end
+            await self._error("bad_message", f"{message['type'][:64]!r} before open")
+
     def _eof_queued(self) -> bool:
         return getattr(self, "_eof_sent", False)
 
@@ -544,7 +755,7 @@ class ForwardConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self.closed = True
         WATCHERS.discard(self)
-        for name in ("pump_out", "pump_in"):
+        for name in ("opening", "pump_out", "pump_in"):
             task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
@@ -559,12 +770,12 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         if getattr(self, "request", None) is not None and self.request.control:
             await self._close_control()
             return
-        if hasattr(self, "inbox"):
-            await COUNTER.flush(self.key)
-            if self.audited:
-                await dbpool.run(_audit, self.environment_id, self.user.pk, PortAuditKind.FORWARD_CLOSED, self.port,
-                                 connections=1, bytes_to_environment=self.to_env, bytes_from_environment=self.from_env,
-                                 seconds=round(time.monotonic() - self.opened_at, 1))
+        if getattr(self, "attached", False):
+            await COUNTER.closed(self.key)
+            self.attached = False
+        audit_task, self.audit_task = getattr(self, "audit_task", None), None
+        if audit_task is not None:
+            await self._audit_closed(audit_task, self.to_env, self.from_env, self.opened_at)
 
     async def _audit_refused(self, environment_id: Any, refusal: Refusal) -> None:
         key = (self.user.pk, str(environment_id), self.port)
@@ -586,6 +797,12 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        """Channels' own without its `aclose_old_connections()`, for the same reason as dispatch:
+        a hop through the thread-sensitive executor for every closed connection (no groups here)."""
+        await self.disconnect(message["code"])
+        raise StopConsumer()
 
     async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
         try:
@@ -611,3 +828,4 @@ class ForwardConsumer(AsyncWebsocketConsumer):
 
 __all__ = ["ForwardConsumer", "Refusal", "Window", "due_ack", "listening_from", "parse_request",
            "refusal_for"]
+

@@ -182,7 +182,8 @@ def do_update_listening_ports(env: Environment, ports: list[ListeningPort]) -> b
     env.ports_checked_at = timezone.now()
     Environment.objects.filter(pk=env.pk).update(listening_ports=found, ports_checked_at=env.ports_checked_at)
     if changed:
-        events.publish("environment.ports", {"environment_id": str(env.pk), "listening_ports": found},
+        events.publish("environment.ports", {"environment_id": str(env.pk), "listening_ports": found,
+                                             "checked_at": env.ports_checked_at.isoformat()},
                        environment_id=env.pk, user_ids=[env.owner_id])
     return changed
 

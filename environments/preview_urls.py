@@ -98,6 +98,12 @@ def preview_url(env_id: Any, port: int, request_host: str, scheme: str = "http",
     return f"{scheme}://{request_host}{PREFIX}{_env_uuid(env_id)}/{int(port)}/"
 
 
+def preview_url_template(env_id: Any, request_host: str, scheme: str = "http", domain: str | None = None) -> str:
+    """preview_url with `{port}` where the port goes: a page fills it in for ports an event names."""
+    return preview_url(env_id, 1, request_host, scheme, domain).replace(
+        "p1-" if preview_domain(domain) else "/1/", "p{port}-" if preview_domain(domain) else "/{port}/", 1)
+
+
 def public_link_url(token: str, request_host: str, scheme: str = "http", domain: str | None = None) -> str:
     """The URL of a public preview link (anyone holding it may open the preview, no login)."""
     scheme = scheme if scheme in ("http", "https") else "http"

@@ -158,6 +158,9 @@ class PortsSerializer(serializers.Serializer):
     listening = ListeningPortSerializer(many=True)
     declared = DeclaredPortSerializer(many=True)
     checked_at = serializers.DateTimeField(allow_null=True, help_text="When the worker last looked (null: never).")
+    preview_url_template = serializers.CharField(allow_null=True, help_text=(
+        "A preview URL with `{port}` in place of the port (null when you may not open previews): a page fills "
+        "it in for the ports an `environment.ports` event lists, without asking again."))
     links = PreviewLinkSerializer(many=True, allow_null=True,
                                   help_text="Public preview links, newest first: admins only (null for others).")
 

@@ -12,16 +12,22 @@ rather than one row per TCP connection, and it is how lsl learns that the enviro
 that access was revoked while nothing is connected. Then per connection: local bytes → binary
 frames (at most WINDOW unacknowledged), frames → local socket (delivered by their own task, acked
 every ACK_EVERY bytes), `{"type": "eof"}` for half-closes. Ctrl-C (or SIGTERM) ends it: exit 0.
+
+A connection's websocket is taken from a few kept ready per port (Spares: authenticated and
+checked ahead of need, reused when a connection ends cleanly), so a new local connection only
+waits for the server to open its tunnel; its first bytes are sent without waiting for `ready`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
 import sys
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +49,10 @@ ACK_EVERY = 1024 * 1024
 READ_SIZE = 256 * 1024
 OPEN_TIMEOUT = 15.0
 RECONNECT_FOR = 120.0  # a control connection lost to a server restart is re-opened for this long
+SPARES = 2  # websockets kept ready per forwarded port (class Spares)
+SPARE_KEEP = 8  # spares kept per port after a burst of connections ended
+SPARE_MAX_AGE = 60.0  # seconds; the server's limit too
+SPARE_RETRY = (0.5, 30.0)  # seconds before re-opening a spare that could not be opened: first, most
 MAX_PORT = 65535
 CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAVAILABLE = 4400, 4403, 4404, 4409
 
@@ -88,10 +98,11 @@ def parse_specs(texts: Iterable[str]) -> list[Spec]:
     return specs
 
 
-def forward_url(server_url: str, environment_id: str, port: int, *, session: str, control: bool = False) -> str:
+def forward_url(server_url: str, environment_id: str, port: int, *, session: str, control: bool = False,
+                spare: bool = False) -> str:
     base = server_url.rstrip("/")
     base = "ws" + base[4:] if base.startswith("http") else base
-    query = {"session": session, **({"control": "1"} if control else {})}
+    query = {"session": session, **({"control": "1"} if control else {}), **({"spare": "1"} if spare else {})}
     return f"{base}/ws/environments/{environment_id}/forward/{port}/?{urlencode(query)}"
 
 
@@ -158,18 +169,21 @@ class Forwarder:
         self.stop = asyncio.Event()
         self.failure: LslError | None = None
         self.connections: set[asyncio.Task[None]] = set()
+        self.spares: dict[int, Spares] = {}  # by remote port
 
     # --- websockets ------------------------------------------------------------------------------
 
-    async def _dial(self, port: int, control: bool) -> Any:
+    async def _dial(self, port: int, control: bool, spare: bool = False) -> Any:
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
-        url = forward_url(self.client.url, str(self.env["id"]), port, session=self.session, control=control)
+        url = forward_url(self.client.url, str(self.env["id"]), port, session=self.session, control=control,
+                          spare=spare)
         try:
             return await connect(url, additional_headers={"Authorization": f"Token {self.client.token}"},
                                  user_agent_header="lsl-cli", open_timeout=OPEN_TIMEOUT, compression=None,
-                                 max_size=4 * WINDOW, max_queue=16, ping_interval=20 if control else None)
+                                 max_size=4 * WINDOW, max_queue=16,
+                                 ping_interval=20 if control or spare else None)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
@@ -183,11 +197,12 @@ class Forwarder:
         except (OSError, TimeoutError) as exc:
             raise Unreachable(f"cannot reach the server at {self.client.url} ({exc})") from None
 
-    async def _open(self, port: int, control: bool) -> tuple[Any, dict[str, Any]]:
-        """A websocket and its `ready` message; a refusal raises its LslError."""
+    async def _open(self, port: int, control: bool, spare: bool = False) -> tuple[Any, dict[str, Any]]:
+        """A websocket and its `ready` message (a spare's: `standby`; a server older than spares
+        says `ready`); a refusal raises its LslError."""
         from websockets.exceptions import ConnectionClosed
 
-        ws = await self._dial(port, control)
+        ws = await self._dial(port, control, spare)
         try:
             first = await asyncio.wait_for(ws.recv(), timeout=OPEN_TIMEOUT + 5)
         except ConnectionClosed:
@@ -210,7 +225,7 @@ class Forwarder:
                 message = json.loads(first)
             except ValueError:
                 message = None
-            if isinstance(message, dict) and message.get("type") == "ready":
+            if isinstance(message, dict) and message.get("type") in (("standby", "ready") if spare else ("ready",)):
                 return ws, message
         await ws.close()
         raise ServerError(f"unexpected first message from the server: {str(first)[:80]!r}")
@@ -241,11 +256,14 @@ class Forwarder:
         bound = [(spec, server.sockets[0].getsockname()[1]) for spec, server in servers]
         self._announce(bound, warnings)
         watchers = [asyncio.create_task(self._watch_control(port, ws)) for port, ws in controls.items()]
+        for port in controls:
+            self.spares[port] = Spares(self, port)
         try:
             await self.stop.wait()
         finally:
             for _, server in servers:
                 server.close()
+            await asyncio.gather(*(spare.close() for spare in self.spares.values()), return_exceptions=True)
             for task in [*watchers, *self.connections]:
                 task.cancel()
             await asyncio.gather(*watchers, *self.connections, return_exceptions=True)
@@ -333,6 +351,12 @@ class Forwarder:
 
     # --- one connection ---------------------------------------------------------------------------
 
+    def _refused(self, label: str, exc: LslError) -> None:
+        """A connection refused: said; the end of the forward if the environment or access is gone."""
+        _note(f"{label}: {exc.message}")
+        if isinstance(exc, (NotFound, AuthError)):
+            self._fail(self._ended(exc))
+
     def _accept(self, spec: Spec, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.create_task(self._connection(spec, reader, writer))
         self.connections.add(task)
@@ -343,19 +367,24 @@ class Forwarder:
 
         local = writer.get_extra_info("sockname")
         label = f"127.0.0.1:{local[1] if local else spec.local} -> {self.name}:{spec.remote}"
-        try:
-            ws, _ready = await self._open(spec.remote, control=False)
-        except LslError as exc:
-            _note(f"{label}: {exc.message}")
-            writer.transport.abort()  # refused: the local client sees a reset, as from a closed port
-            if isinstance(exc, (NotFound, AuthError)):
-                self._fail(self._ended(exc))
-            return
+        spare = self.spares.get(spec.remote)
+        ws = await spare.take() if spare is not None else None
+        from_spare = ws is not None
+        if ws is None:  # none ready (a burst of connections, or the server is older than spares)
+            try:
+                ws, _ready = await self._open(spec.remote, control=False)
+            except LslError as exc:
+                self._refused(label, exc)
+                writer.transport.abort()  # refused: the local client sees a reset, as from a closed port
+                return
         window = Window()
         window_open = asyncio.Event()
         window_open.set()
         inbox: asyncio.Queue[Any] = asyncio.Queue()
-        state = {"eof": False}
+        # A spare's `ready` (or its refusal) comes while the first bytes are already on their way:
+        # the server holds them until the tunnel is open and the check passed.
+        state: dict[str, Any] = {"eof": False, "ready": not from_spare, "refusal": None, "recycled": False,
+                                 "eof_in": False}
 
         async def upstream() -> None:  # local socket → websocket
             try:
@@ -387,19 +416,32 @@ class Forwarder:
                     if not isinstance(parsed, dict):
                         continue
                     kind = parsed.get("type")
-                    if kind == "ack":
+                    if kind == "standby" and state["eof_in"]:
+                        state["recycled"] = True  # the server ended this connection and kept the websocket
+                        return
+                    if kind == "ready":
+                        state["ready"] = True
+                    elif kind == "ack":
                         window.ack(parsed.get("bytes"))
                         if window.open:
                             window_open.set()
                     elif kind == "eof":
+                        state["eof_in"] = True
                         inbox.put_nowait(_EOF)
                     elif "error" in parsed or kind == "error":
                         refusal = parse_refusal(message)
                         detail = refusal[1] if refusal else str(parsed.get("detail") or "error")
-                        _note(f"{label}: {detail}")
+                        if state["ready"] or refusal is None:
+                            _note(f"{label}: {detail}")
+                        else:
+                            state["refusal"] = refusal
             except ConnectionClosed:
                 pass
             finally:
+                if not state["ready"]:  # a spare refused when opened: as a refused connection
+                    closed = f"the server closed the connection to port {spec.remote} (code {ws.close_code})"
+                    what, detail = state["refusal"] or ("closed", closed)
+                    self._refused(label, refusal_error(ws.close_code, what, detail))
                 inbox.put_nowait(_CLOSED)
 
         async def deliver() -> None:  # inbox → local socket, acked once drained
@@ -429,15 +471,161 @@ class Forwarder:
         except (ConnectionError, OSError):
             pass  # the local client went away
         finally:
+            recycled = state["eof"] and state["recycled"]
+            if recycled:  # the server has our eof: upstream has sent everything
+                await asyncio.wait(tasks, timeout=2)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):  # closing anyway: a peer already gone is fine
-                await asyncio.wait_for(ws.close(), timeout=2)
+            if from_spare:
+                spare.release(ws, recycled)
+            else:
+                await _close_quietly(ws)  # closing anyway: a peer already gone is fine
             if state["eof"]:
                 writer.close()
             else:
                 writer.transport.abort()  # the remote end did not finish cleanly: say so with a reset
+
+
+class Spares:
+    """Websockets to one forwarded port that are authenticated, access-checked and watched by the
+    server but have no tunnel yet (`?spare=1`: the server says `standby`). A new local connection
+    takes one and says `open`: the server only opens the tunnel (re-checking access alongside if
+    its check is more than a couple of seconds old) and the client's first bytes follow at once.
+    The TCP and websocket handshake, the token lookup and the access check, most of what a new
+    connection cost, are paid ahead of need, or not at all: a connection that ends cleanly (eof
+    both ways) leaves its websocket a spare again (the server says `standby` once more), so a
+    client that opens one connection after another reuses one websocket, like HTTP keep-alive.
+
+    SPARES are kept ready per port; up to SPARE_KEEP come back after a burst. A connection that
+    finds none idle waits for one being opened (it is ahead of any new dial), else dials a spare
+    of its own. A spare lives at most SPARE_MAX_AGE from its handshake (the server refuses to open
+    older ones: it was authenticated once, and must not outlive a revoked token for long)."""
+
+    def __init__(self, forwarder: Forwarder, port: int, size: int = SPARES) -> None:
+        self.forwarder, self.port, self.size = forwarder, port, size
+        self.idle: collections.deque[tuple[Any, float]] = collections.deque()  # (websocket, handshake time)
+        self.born: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.filling: set[asyncio.Task[None]] = set()
+        self.in_use = 0
+        self.delay = 0.0
+        self.supported = True
+        self.replenish()
+
+    def replenish(self) -> None:
+        while (self.supported and not self.forwarder.stop.is_set()
+               and len(self.idle) + len(self.filling) + self.in_use < self.size + len(self.waiters)):
+            task = asyncio.create_task(self._fill())
+            self.filling.add(task)
+            task.add_done_callback(self.filling.discard)
+
+    async def _dial(self) -> Any:
+        """A new spare; None if it could not be had (refused, unreachable, a server without spares)."""
+        try:
+            ws, first = await self.forwarder._open(self.port, control=False, spare=True)
+        except LslError:  # connections dial on their own meanwhile, and say why
+            self.delay = min(max(2 * self.delay, SPARE_RETRY[0]), SPARE_RETRY[1])
+            return None
+        if first.get("type") != "standby":  # a server older than spares opened a tunnel: not kept
+            self.supported = False
+            await _close_quietly(ws)
+            return None
+        self.delay = 0.0
+        self.born[ws] = asyncio.get_running_loop().time()
+        return ws
+
+    async def _fill(self) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        ws = await self._dial()
+        if ws is not None:
+            self._put(ws)
+            return
+        while self.waiters and not self.supported:
+            self._hand(None)
+        if self.waiters:
+            self._hand(None)
+        asyncio.get_running_loop().call_soon(self.replenish)
+
+    def _hand(self, ws: Any) -> bool:
+        """Give `ws` (None: dial yourself) to the connection waiting longest; False if none waits."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(ws)
+                return True
+        return False
+
+    def _put(self, ws: Any) -> None:
+        if self._hand(ws):
+            self.in_use += 1
+        elif len(self.idle) < SPARE_KEEP and not self.forwarder.stop.is_set():
+            self.idle.append((ws, self.born.get(ws, 0.0)))
+        else:
+            asyncio.create_task(_close_quietly(ws))
+
+    async def take(self) -> Any:
+        """A spare, told to open its tunnel; None if none could be had (the caller dials as before)."""
+        from websockets.exceptions import ConnectionClosed
+
+        loop = asyncio.get_running_loop()
+        while self.supported:
+            ws = None
+            while self.idle and ws is None:
+                ws, born = self.idle.popleft()
+                if loop.time() - born > SPARE_MAX_AGE - 5:
+                    asyncio.create_task(_close_quietly(ws))
+                    ws = None
+            if ws is not None:
+                self.in_use += 1
+            elif self.filling and not self.delay:
+                waiter = loop.create_future()
+                self.waiters.append(waiter)
+                try:
+                    ws = await asyncio.wait_for(asyncio.shield(waiter), timeout=OPEN_TIMEOUT)
+                except asyncio.TimeoutError:
+                    return None
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                if ws is None:
+                    return None
+            else:
+                ws = None if self.delay else await self._dial()
+                if ws is None:
+                    return None
+                self.in_use += 1
+            try:
+                await ws.send(json.dumps({"type": "open"}))
+                self.replenish()
+                return ws
+            except ConnectionClosed:  # the server restarted, or an event closed it: another
+                self.in_use -= 1
+        return None
+
+    def release(self, ws: Any, recycled: bool) -> None:
+        """A connection taken from here ended; `recycled`: cleanly, and the server kept its websocket."""
+        self.in_use -= 1
+        born = self.born.get(ws)
+        if recycled and born is not None and asyncio.get_running_loop().time() - born < SPARE_MAX_AGE - 5:
+            self._put(ws)
+        else:
+            asyncio.create_task(_close_quietly(ws))
+        self.replenish()
+
+    async def close(self) -> None:
+        tasks = list(self.filling)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        idle, self.idle = list(self.idle), collections.deque()
+        await asyncio.gather(*(_close_quietly(ws) for ws, _ in idle), return_exceptions=True)
+
+
+async def _close_quietly(ws: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ws.close(), timeout=2)
 
 
 def _note(text: str) -> None:

@@ -47,10 +47,14 @@ def test_the_ports_panel(people: Any, browsers: Callable[[], Browser], live_serv
     assert "declared, not listening" in port_row(alice, 3000).text and "web" in port_row(alice, 3000).text
     assert not port_row(alice, 3000).find_elements(By.CSS_SELECTOR, "a.open-preview")
 
-    # The worker finds a server: the open page shows it from the event alone.
+    # The worker finds a server: the open page shows it from the event alone (no request to the API).
+    fetches = """return performance.getEntriesByType("resource").filter((e) => e.initiatorType === "fetch"
+        || e.initiatorType === "xmlhttprequest").map((e) => e.name).filter((n) => n.includes("/ports/"));"""
+    before = alice.driver.execute_script(fetches)
     do_update_listening_ports(env, [ListeningPort(3000, False), ListeningPort(8123, True)])
     alice.wait(lambda d: port_row(alice, 8123) and "listening" in port_row(alice, 3000).text
                and port_row(alice, 3000).find_elements(By.CSS_SELECTOR, "a.open-preview"), what="the listening ports")
+    assert alice.driver.execute_script(fetches) == before, "the ports panel asked the API again instead of using the event"
     preview = port_row(alice, 3000).find_element(By.CSS_SELECTOR, "a.open-preview")
     assert preview.get_attribute("href") == f"{live_server_proc.url}/preview/{env.pk}/3000/"
     assert "localhost only" in port_row(alice, 8123).text

@@ -315,6 +315,27 @@ def test_forward_refusals_and_the_end_of_access(people: Any, make_env: Any, owne
             ws.recv(timeout=10)
         assert ws.close_code == 4400
 
+    # A spare (lsl/forward.py Spares): `standby`, no tunnel until `open`; bytes may follow `open` at
+    # once (held until the tunnel is open), bytes before it are refused.
+    owner_token = make_token(people.owner, "spare")
+    with connect(f"{ws_url}/3000/?spare=1", additional_headers={"Authorization": f"Token {owner_token}"},
+                 open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10)) == {"type": "standby", "port": 3000}
+        ws.send(json.dumps({"type": "open"}))
+        ws.send(b"GET / HTTP/1.0\r\n\r\n")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "port_closed"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 4409
+    with connect(f"{ws_url}/3000/?spare=1", additional_headers={"Authorization": f"Token {owner_token}"},
+                 open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "standby"
+        ws.send(b"too early")
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == "bad_message"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 4400
+
     # A member forwarding loses access: lsl says so and stops (exit 3).
     forward = Forward(member, "refuse", "0:3000", "--json")
     try:

@@ -89,6 +89,10 @@ def test_requests() -> None:
     assert server.parse_request(22, b"session=" + b"a" * 65).session is None
     assert server.parse_request(22, b"session=%27%3B--aaaaaaaa").session is None
     assert server.parse_request(22, b"").control is False
+    assert server.parse_request(22, b"spare=1").spare is True
+    assert server.parse_request(22, b"spare=1&control=1").spare is False  # a control connection is never a spare
+    assert server.parse_request(22, b"").spare is False
+    assert "spare=1" in cli.forward_url("http://h", "e", 22, session="s" * 16, spare=True)
 
 
 @pytest.mark.parametrize("window_class", [server.Window, cli.Window])

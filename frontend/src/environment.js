@@ -69,7 +69,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
     if (env.status !== status) {
       status = env.status;
       renderControls();
-      ports.load(); // a stopped environment has nothing listening; a started one gets its previews
+      if (status !== "running") ports.stopped(); // nothing listens; a started one's ports come as events
     }
   }
 
@@ -178,7 +178,7 @@ function mountEnvironment({ envId, role, canUse, canAdmin }) {
   const mine = (callback) => (event) => { if (environmentIdOf(event) === envId) callback(event); };
   stream.on("environment.changed", mine((event) => applyEnvironment(event.environment)));
   stream.on("environment.deleted", mine(() => markGone("This environment was deleted.")));
-  stream.on("environment.ports", mine(() => ports.load())); // listening ports or public links changed
+  stream.on("environment.ports", mine((event) => ports.onEvent(event))); // listening ports or public links changed
   stream.on("session.opened", onSession);
   stream.on("session.presence", onSession);
   stream.on("session.ended", onSession);

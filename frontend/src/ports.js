@@ -46,7 +46,10 @@ export function mountPorts({ envId, canUse, canAdmin }) {
     return h("span", { className: "share-port-controls" }, select, " ", button);
   }
 
+  let current = null; // the last answer, kept so events can redraw the panel without asking again
+
   function render(data) {
+    current = data;
     errorEl.hidden = true;
     checkedEl.textContent = "";
     if (data.checked_at) checkedEl.append("checked ", timeElement(data.checked_at));
@@ -155,5 +158,26 @@ export function mountPorts({ envId, canUse, canAdmin }) {
   }
 
   load();
-  return { load };
+  // What listens changed (an `environment.ports` event carries the new list) or the environment stopped
+  // (nothing listens): redrawn from what the page has, no request. Public links, which only the API
+  // lists, are still fetched again when an event says they changed.
+  function applyListening(listening, checkedAt) {
+    if (!current) return load();
+    const url = (port) => (current.preview_url_template ? current.preview_url_template.replace("{port}", String(port)) : null);
+    const ports = new Set(listening.map((p) => p.port));
+    render({
+      ...current,
+      listening: listening.map((p) => ({ port: p.port, loopback_only: Boolean(p.loopback_only), preview_url: url(p.port) })),
+      declared: current.declared.map((d) => ({ ...d, listening: ports.has(d.port) })),
+      checked_at: checkedAt || current.checked_at,
+    });
+    return Promise.resolve();
+  }
+
+  function onEvent(event) {
+    if (Array.isArray(event.listening_ports)) return applyListening(event.listening_ports, event.checked_at || null);
+    return load();
+  }
+
+  return { load, onEvent, stopped: () => applyListening([], null) };
 }
