@@ -357,3 +357,60 @@ def test_forward_refusals_and_the_end_of_access(people: Any, make_env: Any, owne
         forward.kill()
     result = owner_cli("forward", "refuse", "3000", timeout=60)
     assert result.returncode == 5 and "The environment is stopped; start it to reach its ports." in result.stderr, result
+
+
+def tunnel_processes(container_id: str) -> list[str]:
+    """The keeper's tunnel children in the container: `keeper serve` processes whose parent is the
+    keeper (a fork keeps its parent's command line; the keeper itself is a child of the init)."""
+    from environments import runtime
+
+    out = runtime.exec_run(container_id, ["ps", "-eo", "pid=,ppid=,args="]).output.decode(errors="replace")
+    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
+    keepers = {pid for pid, _ppid, args in rows if "keeper serve" in args}
+    return [" ".join(row) for row in rows if "keeper serve" in row[2] and row[1] in keepers]
+
+
+def test_forward_survives_a_killed_server(people: Any, make_env: Any, tmp_path: Path) -> None:
+    """kill -9 of the only server while `lsl forward` runs with a connection open: the open connection
+    ends (no hang), lsl says it lost the server and keeps its local ports bound; the same server
+    started again on the same port, new connections work again; nothing is left in the container."""
+    from tests.conftest import start_daphne, stop_daphne
+
+    env = make_env(people.owner, "fwd-kill", template="debian")
+    assert env.status == "running", env.last_error
+    start_server(env, "echo", 9000)
+    server = start_daphne(None, "daphne-forward-kill")
+    port = int(server.url.rsplit(":", 1)[1])
+    cli = Cli(server.url, tmp_path / "alice", token=make_token(people.owner))
+    forward = Forward(cli, "fwd-kill", "0:9000", "--json")
+    try:
+        local = forward.bound()[0]["local"]
+        assert echo_round_trip(local, b"before") == b"before"
+        held = socket.create_connection(("127.0.0.1", local), timeout=30)  # open across the kill
+        held.sendall(b"ping")
+        assert held.recv(16) == b"ping"
+        assert tunnel_processes(env.container_id), "the open connection's tunnel child is not where the check looks"
+
+        server.proc.kill()  # kill -9: no goodbye to anyone
+        server.proc.wait(timeout=10)
+        held.settimeout(30)
+        try:
+            rest = held.recv(16)  # the connection it carried ends: EOF or reset, never a hang
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+        held.close()
+        wait_for(lambda: "lost the connection to the server" in forward.stderr, 20, "lsl saying it lost the server")
+        assert forward.proc.poll() is None, f"lsl forward gave up at once: {forward.stderr}"
+
+        server = start_daphne(None, "daphne-forward-kill", port=port)
+        wait_for(lambda: "reconnected" in forward.stderr, 30, "lsl reconnecting")
+        payload = os.urandom(300_000)
+        assert echo_round_trip(local, payload) == payload  # the same local port, through the new server
+        assert forward.interrupt() == 0
+        # Only the echo server's connections remain: no tunnel child outlived its server or its client.
+        wait_for(lambda: not tunnel_processes(env.container_id), 15, "the keeper's tunnel children to exit")
+    finally:
+        forward.kill()
+        if server.proc.poll() is None:
+            stop_daphne(server)
