@@ -586,8 +586,8 @@ def main() -> None:
         from environments.catalog import apply_catalog
 
         runtime = lsl_runtime
-        runtime.ping()
-        if not runtime.image_exists(IMAGE):
+        runtime.local().ping()
+        if not runtime.local().image_exists(IMAGE):
             raise SystemExit(f"missing image {IMAGE}: run `make images`")
         call_command("migrate", verbosity=0)
         apply_catalog(REPO / "catalog" / "test.yaml")
@@ -596,7 +596,7 @@ def main() -> None:
         from django.db import connections
 
         connections.close_all()  # the server processes own the database from here on
-        engine = runtime.engine_info()
+        engine = runtime.local().engine_info()
 
         server = Server(var, os.environ.copy())
         server.start()
@@ -659,7 +659,7 @@ def main() -> None:
                 print(server.tail("web") + "\n" + server.tail("worker"), file=sys.stderr)
         if runtime is not None:
             try:
-                removed = runtime.remove_instance_resources()
+                removed = runtime.local().remove_instance_resources()
                 if removed:
                     print(f"removed {removed} leftover container(s) labelled {LABEL_INSTANCE}={instance}", file=sys.stderr)
             except Exception as exc:

@@ -325,7 +325,7 @@ def main() -> int:
         from environments import keeper, runtime
 
         results["meta"]["keeper_path"] = "socket" if keeper._host_socket(setup.env_id) is not None else "exec"
-        runtime.exec_detached(setup.container_id, ["python3", "-c", SERVER, "8000"], user="0:0")
+        runtime.local().exec_detached(setup.container_id, ["python3", "-c", SERVER, "8000"], user="0:0")
         direct = container_ip(setup.container_id)
         deadline = time.monotonic() + 20
         while True:

@@ -361,10 +361,10 @@ class Setup:
         from environments.models import Template
 
         runtime = self.runtime
-        runtime.ping()
-        if not runtime.image_exists(IMAGE):
+        runtime.local().ping()
+        if not runtime.local().image_exists(IMAGE):
             raise SystemExit(f"missing image {IMAGE}: run `make images`")
-        self.engine = runtime.engine_info().get("server_version", "?")
+        self.engine = runtime.local().engine_info().get("server_version", "?")
         call_command("migrate", verbosity=0)
         apply_catalog(REPO / "catalog" / "test.yaml")
         user = get_user_model().objects.create_user("bench", "", "bench-password")
@@ -429,7 +429,7 @@ class Setup:
             except subprocess.TimeoutExpired:
                 self.daphne.kill()
                 self.daphne.wait(timeout=5)
-        self.runtime.remove_instance_resources()
+        self.runtime.local().remove_instance_resources()
 
 
 class Terminado:

@@ -146,7 +146,7 @@ class EnvironmentAdmin(GuardedModelAdmin):
     @admin.action(description="Reconcile selected with the engine")
     def reconcile_selected(self, request, queryset):  # type: ignore[no-untyped-def]
         try:
-            changed = reconcile.reconcile(list(queryset))
+            changed = reconcile.reconcile(envs=list(queryset.select_related("owner", "template", "team", "node")))
         except runtime.EngineError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return

@@ -24,7 +24,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from environments import catalog, metrics, runtime, services
+from environments import catalog, metrics, nodes, services
 from environments.files import as_async
 from lsl_site.errors import Conflict, InvalidInput
 from lsl_site.fields import StrictCharField
@@ -123,7 +123,7 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
     lookup_value_regex = "[0-9a-f-]{32,36}"
 
     def get_queryset(self) -> QuerySet[Environment]:
-        qs = Environment.objects.visible_to(self.request.user).select_related("owner", "team", "template")
+        qs = Environment.objects.visible_to(self.request.user).select_related("owner", "team", "template", "node")
         if self.action != "list":
             return qs
         filters = EnvironmentFilterSerializer(data=self.request.query_params)
@@ -224,7 +224,7 @@ class EnvironmentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixin
         if env.status != Status.RUNNING:
             raise Conflict(f"the environment is {env.status}, not running", code="not_running")
         user, user_env = services.shell_identity(env)  # as the environment user, like its terminals
-        chunks, exit_code = runtime.exec_stream(env.container_id, data["command"], workdir=data.get("workdir"),
+        chunks, exit_code = nodes.engine_for(env).exec_stream(env.container_id, data["command"], workdir=data.get("workdir"),
                                                 user=user, environment={**user_env, **(data.get("env") or {})})
         # An async iterator: under ASGI, Django would buffer a plain one until the command ends.
         return StreamingHttpResponse(as_async(_exec_lines(chunks, exit_code)), content_type="application/x-ndjson")
@@ -266,7 +266,7 @@ class MonitorView(APIView):
                                flag_parameter("stats", "Include the sampled container stats (default true)")],
                    responses={200: dict, **errors(404)})
     def get(self, request: Request) -> Response:
-        qs = Environment.objects.visible_to(request.user).select_related("owner", "template")
+        qs = Environment.objects.visible_to(request.user).select_related("owner", "template", "node")
         wanted = request.query_params.get("environment")
         if wanted:
             try:

@@ -34,7 +34,7 @@ from lsl_site.schema import NO_NUL, SLUG, flag_parameter, query_flag
 
 
 def environment_for(request: Request, pk: Any, needed: Role) -> Environment:
-    env = (Environment.objects.visible_to(request.user).select_related("owner", "team", "template")
+    env = (Environment.objects.visible_to(request.user).select_related("owner", "team", "template", "node")
            .filter(pk=pk).first())
     if env is None:
         raise NotFound("No such environment.")

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from lsl_site.errors import InvalidInput
 
-from environments import runtime, services
+from environments import nodes, runtime, services
 from environments.models import Environment
 
 CHUNK = 256 * 1024
@@ -103,7 +103,7 @@ class Probe:
 
 def probe(env: Environment, path: str) -> Probe:
     user, user_env = services.shell_identity(env)
-    result = runtime.exec_run(env.container_id, ["/bin/sh", "-c", _PROBE, "lsl-probe", path], user=user, environment=user_env)
+    result = nodes.engine_for(env).exec_run(env.container_id, ["/bin/sh", "-c", _PROBE, "lsl-probe", path], user=user, environment=user_env)
     lines = result.output.decode(errors="replace").splitlines()
     if result.exit_code != 0 or len(lines) < 2:
         raise PathRefused(f"{path!r}: cannot resolve it inside the environment")
@@ -147,12 +147,12 @@ def download(env: Environment, path: str | None, *, as_tar: bool = False) -> Dow
     user, user_env = services.shell_identity(env)
     name = posixpath.basename(path) or "root"
     if found.kind == "file" and not as_tar:
-        output = runtime.exec_output(env.container_id, ["cat", path], user=user, environment=user_env)
+        output = nodes.engine_for(env).exec_output(env.container_id, ["cat", path], user=user, environment=user_env)
         return Download("file", name, found.size, found.mode, _checked(output, path))
     if found.kind not in ("file", "directory"):
         raise PathRefused(f"{path!r} is neither a file nor a directory")
     parent = posixpath.dirname(path) or "/"
-    output = runtime.exec_output(env.container_id, ["tar", "-c", "-f", "-", "-C", parent, name], user=user, environment=user_env)
+    output = nodes.engine_for(env).exec_output(env.container_id, ["tar", "-c", "-f", "-", "-C", parent, name], user=user, environment=user_env)
     return Download("tar", f"{name}.tar", found.size or None, found.mode, _checked(output, path))
 
 
@@ -271,7 +271,7 @@ def upload(env: Environment, path: str | None, body: IO[bytes], *, as_tar: bool,
         command = ["/bin/sh", "-c", _EXTRACT, "lsl-upload", path]
     else:
         command = ["/bin/sh", "-c", _WRITE, "lsl-upload", path, mode or ""]
-    result = runtime.exec_with_stdin(env.container_id, command, _stream(body, counter), user=user, environment=user_env)
+    result = nodes.engine_for(env).exec_with_stdin(env.container_id, command, _stream(body, counter), user=user, environment=user_env)
     if result.exit_code != 0:
         message = result.output.decode(errors="replace").strip()
         raise TransferFailed(f"writing {path!r} failed (exit {result.exit_code}): {message}")

@@ -189,7 +189,7 @@ def listening_from(listening_ports: list[dict[str, Any]] | None, checked: bool, 
 # --- blocking (dbpool threads) -----------------------------------------------------------------
 
 def _check(environment_id: Any, user: Any) -> Environment:
-    env = Environment.objects.filter(pk=environment_id).first()
+    env = Environment.objects.select_related("node").filter(pk=environment_id).first()
     if env is None:
         raise drf.NotFound("No such environment.")
     ports.require_port_access(user, env)
@@ -212,10 +212,10 @@ def _audit_opened_unless_recent(environment_id: Any, user_id: Any, port: int) ->
 
 def _listening_now(env: Environment, port: int) -> bool | None:
     """Whether something listens on `port` now (asked of the keeper), else at the worker's last scan."""
-    from environments import keeper, runtime
+    from environments import keeper, nodes, runtime
 
     try:
-        return any(p.port == port for p in keeper.listening_ports(env.container_id, env.id))
+        return any(p.port == port for p in keeper.listening_ports(nodes.engine_for(env), env.container_id, env.id))
     except (runtime.EngineError, OSError) as exc:  # an old keeper, or a container on its way down: the scan
         log.debug("forward: listening ports of %s not read (%s)", env.pk, exc)
     return listening_from(env.listening_ports, env.ports_checked_at is not None, port)
@@ -538,10 +538,11 @@ class ForwardConsumer(AsyncWebsocketConsumer):
         """Open the tunnel (with the access check in parallel when `recheck`), say `ready` and
         start carrying bytes. Nothing is carried before the check has passed: a refused check
         closes the tunnel unused."""
-        from environments import keeper
+        from environments import keeper, nodes
 
+        engine = nodes.engine_for(env)  # env.node came with the access check (NodeUnavailableError: 503)
         tunnel_task = asyncio.ensure_future(asyncio.wait_for(
-            keeper.open_tunnel(env.container_id, env.pk, in_docker_thread, self.port), timeout=TUNNEL_TIMEOUT))
+            keeper.open_tunnel(engine, env.container_id, env.pk, in_docker_thread, self.port), timeout=TUNNEL_TIMEOUT))
         try:
             if recheck:
                 try:

@@ -174,14 +174,14 @@ def volume_name() -> str:
     return _volume_cache[key]
 
 
-def ensure_volume(image: str) -> None:
+def ensure_volume(engine: runtime.Engine, image: str) -> None:
     """Make the keeper's volume on this engine if it is not there yet (blocking; `image`: any image the
     engine has, to host the copy)."""
     name = volume_name()
     # Asked every time (one cheap call): a volume removed behind LSL's back would otherwise be
     # re-created empty by the engine at container create, and the container could not boot.
-    if not runtime.volume_exists(name):
-        runtime.fill_volume(name, image, {"keeper": (binary(), 0o755)}, labels={"lsl.keeper": "1"})
+    if not engine.volume_exists(name):
+        engine.fill_volume(name, image, {"keeper": (binary(), 0o755)}, labels={"lsl.keeper": "1"})
 
 
 def volume_mount() -> runtime.Mount:
@@ -242,11 +242,11 @@ def _host_socket(environment_id: Any) -> Path | None:
     return path / SOCKET_NAME if path is not None and (path / SOCKET_NAME).exists() else None
 
 
-def ensure_running(container_id: str) -> None:
+def ensure_running(engine: runtime.Engine, container_id: str) -> None:
     """Start a keeper in a container that has none (made before keepers existed, or its keeper
     died): copy it in and run it detached. Blocking."""
-    runtime.copy_into(container_id, {FALLBACK_BINARY: (binary(), 0o755)})
-    runtime.exec_detached(container_id, [FALLBACK_BINARY, "serve", "--ring", str(settings.LSL_KEEPER_RING)], user="0:0")
+    engine.copy_into(container_id, {FALLBACK_BINARY: (binary(), 0o755)})
+    engine.exec_detached(container_id, [FALLBACK_BINARY, "serve", "--ring", str(settings.LSL_KEEPER_RING)], user="0:0")
 
 
 # --- the link to one session (asyncio) -------------------------------------------------------
@@ -320,7 +320,7 @@ class KeeperLink:
             pass
 
 
-async def _connect(container_id: str, environment_id: Any, docker_call: DockerCall) -> KeeperLink:
+async def _connect(engine: runtime.Engine, container_id: str, environment_id: Any, docker_call: DockerCall) -> KeeperLink:
     path = _host_socket(environment_id)
     if path is not None:
         try:
@@ -328,11 +328,12 @@ async def _connect(container_id: str, environment_id: Any, docker_call: DockerCa
             return KeeperLink(reader, writer, None, "socket")
         except OSError as exc:
             log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
-    return await _connect_by_exec(container_id, docker_call)
+    return await _connect_by_exec(engine, container_id, docker_call)
 
 
-async def _connect_by_exec(container_id: str, docker_call: DockerCall, *, started: bool = False) -> KeeperLink:
-    ex = await docker_call(runtime.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50,
+async def _connect_by_exec(engine: runtime.Engine, container_id: str, docker_call: DockerCall, *,
+                           started: bool = False) -> KeeperLink:
+    ex = await docker_call(engine.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50,
                            user="0:0")
     ex.sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=ex.sock, limit=2 ** 22)
@@ -348,15 +349,16 @@ async def _connect_by_exec(container_id: str, docker_call: DockerCall, *, starte
     # No keeper (an older container, or it died; the relay says "cannot reach" or is not even
     # there): start one and try once more.
     log.info("no session keeper in %s (%r); starting one", container_id[:12], ready)
-    await docker_call(ensure_running, container_id)
+    await docker_call(ensure_running, engine, container_id)
     await asyncio.sleep(0.2)
-    return await _connect_by_exec(container_id, docker_call, started=True)
+    return await _connect_by_exec(engine, container_id, docker_call, started=True)
 
 
-async def open_link(container_id: str, environment_id: Any, docker_call: DockerCall, request: bytes) -> tuple[KeeperLink, Hello]:
+async def open_link(engine: runtime.Engine, container_id: str, environment_id: Any, docker_call: DockerCall,
+                    request: bytes) -> tuple[KeeperLink, Hello]:
     """Attach to a session (creating its shell if the request says so); returns the link and the
     keeper's hello. Output frames follow on the link."""
-    link = await _connect(container_id, environment_id, docker_call)
+    link = await _connect(engine, container_id, environment_id, docker_call)
     link.send(request)
     kind, payload = await asyncio.wait_for(link.read_frame(), timeout=10.0)
     if kind == b"E":
@@ -372,7 +374,8 @@ async def open_link(container_id: str, environment_id: Any, docker_call: DockerC
 
 # --- one-shot requests (blocking) ----------------------------------------------------------
 
-def _request_blocking(container_id: str, environment_id: Any, request: bytes, timeout: float = 5.0) -> tuple[bytes, bytes]:
+def _request_blocking(engine: runtime.Engine, container_id: str, environment_id: Any, request: bytes,
+                      timeout: float = 5.0) -> tuple[bytes, bytes]:
     path = _host_socket(environment_id)
     if path is not None:
         try:
@@ -383,7 +386,7 @@ def _request_blocking(container_id: str, environment_id: Any, request: bytes, ti
                 return _read_frame_blocking(sock)
         except OSError as exc:
             log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
-    ex = runtime.exec_open_tty(container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
+    ex = engine.exec_open_tty(container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
     sock = ex.sock
     try:
         sock.settimeout(timeout)
@@ -414,24 +417,24 @@ def _read_frame_blocking(sock: socket.socket) -> tuple[bytes, bytes]:
     return head[:1], (_recv_exactly(sock, length) if length else b"")
 
 
-def list_sessions(container_id: str, environment_id: Any) -> dict[str, KeptSession]:
+def list_sessions(engine: runtime.Engine, container_id: str, environment_id: Any) -> dict[str, KeptSession]:
     """The sessions the keeper holds (raises KeeperError if it cannot be reached)."""
-    kind, payload = _request_blocking(container_id, environment_id, frame(b"L"))
+    kind, payload = _request_blocking(engine, container_id, environment_id, frame(b"L"))
     if kind != b"l":
         raise KeeperError(payload.decode(errors="replace") or f"unexpected answer {kind!r}")
     return parse_list(payload)
 
 
-def kill_session(container_id: str, environment_id: Any, session_id: str) -> bool:
+def kill_session(engine: runtime.Engine, container_id: str, environment_id: Any, session_id: str) -> bool:
     """HUP the session's shell (and KILL it a moment later). False if the keeper does not know it."""
-    kind, _payload = _request_blocking(container_id, environment_id, frame(b"K", session_id.encode()))
+    kind, _payload = _request_blocking(engine, container_id, environment_id, frame(b"K", session_id.encode()))
     return kind == b"k"
 
 
-def forget_session(container_id: str, environment_id: Any, session_id: str) -> None:
+def forget_session(engine: runtime.Engine, container_id: str, environment_id: Any, session_id: str) -> None:
     """Drop an exited session's record (its output and exit code) once the server has recorded the end."""
     try:
-        _request_blocking(container_id, environment_id, frame(b"F", session_id.encode()))
+        _request_blocking(engine, container_id, environment_id, frame(b"F", session_id.encode()))
     except runtime.EngineError as exc:
         log.debug("keeper: forgetting %s failed: %s", session_id, exc)
 
@@ -546,9 +549,9 @@ async def _tunnel_by_socket(path: Path, request: bytes, port: int) -> Tunnel:
     return Tunnel(sock, "socket")
 
 
-async def _tunnel_by_exec(container_id: str, docker_call: DockerCall, request: bytes, port: int,
+async def _tunnel_by_exec(engine: runtime.Engine, container_id: str, docker_call: DockerCall, request: bytes, port: int,
                           *, started: bool = False) -> Tunnel:
-    ex = await docker_call(runtime.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
+    ex = await docker_call(engine.exec_open_tty, container_id, ATTACH_COMMAND, cols=200, rows=50, user="0:0")
     sock = ex.sock
     sock.setblocking(False)
     try:
@@ -559,16 +562,17 @@ async def _tunnel_by_exec(container_id: str, docker_call: DockerCall, request: b
             raise
         # No keeper (an older container, or it died): start one and try once more, as _connect_by_exec does.
         log.info("no session keeper in %s (%s); starting one", container_id[:12], exc)
-        await docker_call(ensure_running, container_id)
+        await docker_call(ensure_running, engine, container_id)
         await asyncio.sleep(0.2)
-        return await _tunnel_by_exec(container_id, docker_call, request, port, started=True)
+        return await _tunnel_by_exec(engine, container_id, docker_call, request, port, started=True)
     except BaseException:
         sock.close()
         raise
     return Tunnel(sock, "exec", keep=ex)
 
 
-async def open_tunnel(container_id: str, environment_id: Any, docker_call: DockerCall, port: int) -> Tunnel:
+async def open_tunnel(engine: runtime.Engine, container_id: str, environment_id: Any, docker_call: DockerCall,
+                      port: int) -> Tunnel:
     """A byte pipe to `port` on the environment's loopback (127.0.0.1, else ::1), through its keeper.
     Raises ports.PortClosed when nothing listens there, KeeperError otherwise. The caller checks
     who may reach the port (ports.require_port_access) first."""
@@ -582,19 +586,19 @@ async def open_tunnel(container_id: str, environment_id: Any, docker_call: Docke
         except OSError as exc:  # a socket left by a stopped keeper, say: the relay reaches a live one
             log.info("keeper socket %s not answering (%s); trying docker exec", path, exc)
     try:
-        return await _tunnel_by_exec(container_id, docker_call, request, port)
+        return await _tunnel_by_exec(engine, container_id, docker_call, request, port)
     except asyncio.TimeoutError as exc:
         raise KeeperError(f"the session keeper did not answer a tunnel request for port {port}") from exc
     except OSError as exc:
         raise KeeperError(f"the session keeper could not be reached: {exc}") from exc
 
 
-def listening_ports(container_id: str, environment_id: Any) -> list[Any]:
+def listening_ports(engine: runtime.Engine, container_id: str, environment_id: Any) -> list[Any]:
     """The TCP ports listening inside the environment (its network namespace), as
     ports.ListeningPort, sorted. Blocking; raises KeeperError (an old keeper: restart to see ports)."""
     from environments.ports import parse_proc_net_tcp
 
-    kind, payload = _request_blocking(container_id, environment_id, frame(b"N"))
+    kind, payload = _request_blocking(engine, container_id, environment_id, frame(b"N"))
     if kind == b"n":
         return parse_proc_net_tcp(payload.decode(errors="replace"))
     message = payload.decode(errors="replace")

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from environments import runtime
+from environments import nodes, runtime
 from environments.models import Environment, Status
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def sample_container_stats(envs: Iterable[Environment], budget: float = STATS_BU
 
     def sample(env: Environment) -> dict[str, Any]:
         try:
-            return runtime.container_stats(env.container_id)
+            return nodes.engine_for(env).container_stats(env.container_id)
         except runtime.EngineError as exc:
             return {"error": str(exc)}
 
@@ -168,7 +168,7 @@ class LSLCollector:
         up = bool(engine_snapshot().get("engine_up"))
         # Session counts come through the reverse relations by name: this app must not import `sessions`.
         envs = list(
-            Environment.objects.select_related("owner", "template")
+            Environment.objects.select_related("owner", "template", "node")
             .annotate(
                 live_sessions=Count("terminal_sessions", filter=Q(terminal_sessions__ended_at__isnull=True), distinct=True),
                 attached=Count("terminal_sessions__participations", distinct=True, filter=Q(
@@ -211,6 +211,22 @@ class LSLCollector:
         build.add_metric([settings.LSL_VERSION], 1)
         yield build
         yield GaugeMetricFamily("lsl_engine_up", "1 when the Docker engine answered the worker's last sample, else 0.", value=1 if up else 0)
+        from environments.models import Node
+
+        node_up = GaugeMetricFamily("lsl_node_up", "1 while the node's engine answers the worker's checks, else 0.",
+                                    labels=["node", "state"])
+        reserved = GaugeMetricFamily("lsl_node_reserved_ratio", "Share of the node's memory reserved by its creating and "
+                                     "running environments (placement's measure).", labels=["node"])
+        memory: Counter[int] = Counter()
+        for env in envs:
+            if env.status in (Status.RUNNING, Status.CREATING):
+                memory[env.node_id] += env.memory_mb
+        for node in Node.objects.order_by("name"):
+            node_up.add_metric([node.name, node.state], 1 if node.available else 0)
+            capacity = node.capacity_memory_mb
+            reserved.add_metric([node.name], memory[node.pk] / capacity if capacity else 0.0)
+        yield node_up
+        yield reserved
         by_status = Counter(env.status for env in envs)
         gauge = GaugeMetricFamily("lsl_environments", "Environments by status.", labels=["status"])
         for status in Status.values:

@@ -21,6 +21,66 @@ class NetworkMode(models.TextChoices):
     NONE = "none", "None"
 
 
+class NodeState(models.TextChoices):
+    ACTIVE = "active", "Active"
+    DRAINING = "draining", "Draining (no new environments)"
+
+
+class Node(models.Model):
+    """A Docker engine that environments live on. Each environment (with its workspace volume) lives on
+    exactly one node; placement (environments.nodes) picks it by free CPU and memory and the template's
+    `node_selector`. Written only through environments.nodes' do_* actions (admin, `lsl_node`)."""
+
+    LOCAL = "local"
+
+    name = models.SlugField(max_length=63, unique=True)
+    url = models.CharField(max_length=255, blank=True, help_text="unix:///var/run/docker.sock, tcp://host:2376 "
+                           "or ssh://user@host; empty for the `local` node: the server's own LSL_DOCKER_HOST.")
+    tls_ca = models.CharField(max_length=500, blank=True, help_text="tcp:// only: CA certificate file (verifies the engine).")
+    tls_cert = models.CharField(max_length=500, blank=True, help_text="tcp:// only: client certificate file.")
+    tls_key = models.CharField(max_length=500, blank=True, help_text="tcp:// only: client key file.")
+    # The engine runs on the server's own machine: the keepers' socket directory (LSL_KEEPER_DIR) and
+    # host-path mounts resolve on it. Elsewhere terminals reach the keeper through `docker exec`.
+    shares_host = models.BooleanField(default=False, help_text="The engine runs on this server's machine "
+                                      "(keeper sockets and host-path mounts are reachable).")
+    labels = models.JSONField(default=dict, blank=True, help_text='Matched by templates\' node_selector, e.g. '
+                              '{"arch": "arm64", "gpu": "true"}. `arch` is filled from the engine when not set.')
+    cpus = models.FloatField(default=0, help_text="CPUs environments may reserve here; 0: all the engine reports.")
+    memory_mb = models.PositiveIntegerField(default=0, help_text="Memory (MiB) environments may reserve; 0: all the engine reports.")
+    state = models.CharField(max_length=16, choices=NodeState.choices, default=NodeState.ACTIVE)
+    # Health, written by the worker's node check only (nodes.check_nodes).
+    available = models.BooleanField(default=True)
+    unavailable_since = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+    engine = models.JSONField(default=dict, blank=True)  # the engine's ncpu, mem_total, arch, version, id
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def capacity_cpus(self) -> float:
+        return self.cpus or float(self.engine.get("ncpu") or 0)
+
+    @property
+    def capacity_memory_mb(self) -> int:
+        return self.memory_mb or int((self.engine.get("mem_total") or 0) // (1024 * 1024))
+
+    @property
+    def effective_labels(self) -> dict[str, str]:
+        derived = {"arch": self.engine["arch"]} if self.engine.get("arch") else {}
+        return {**derived, **{str(k): str(v) for k, v in (self.labels or {}).items()}}
+
+
+def local_node_id() -> int:
+    """The default node of rows made without placement (admin, fixtures): the server's own engine."""
+    return Node.objects.get_or_create(name=Node.LOCAL, defaults={"url": "", "shares_host": True})[0].pk
+
+
 class Template(models.Model):
     """A catalog entry. Written only by `lsl_apply` (catalog YAML) and admin."""
 
@@ -46,6 +106,11 @@ class Template(models.Model):
     allow_sudo = models.BooleanField(default=False, help_text="The environment user gets passwordless sudo. "
                                      "Turns off no-new-privileges for the container (sudo is setuid).")
     labels = models.JSONField(default=dict, blank=True)
+    # Placement constraints: its environments go only to nodes whose labels include all of these.
+    node_selector = models.JSONField(default=dict, blank=True, help_text='Node labels required, e.g. {"gpu": "true"}.')
+    # A snapshot's image exists on the node it was committed on; other nodes get it copied from there.
+    image_node = models.ForeignKey("Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                   help_text="The node holding this (snapshot) image; empty: pulled by every node.")
     public = models.BooleanField(default=True, help_text="Usable by everyone; otherwise only by `teams`.")
     teams = models.ManyToManyField(Team, blank=True, related_name="templates")
     managed_by_catalog = models.BooleanField(default=True)
@@ -155,6 +220,8 @@ class Environment(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="environments")
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="environments")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="environments")
+    # Where the container and the workspace volume live (placement at create; fixed from then on).
+    node = models.ForeignKey(Node, default=local_node_id, on_delete=models.PROTECT, related_name="environments")
     image = models.CharField(max_length=255)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.CREATING)
     container_id = models.CharField(max_length=64, blank=True)
@@ -242,6 +309,8 @@ class TeamVolume(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="volumes")
     name = models.SlugField(max_length=63)
     volume_name = models.CharField(max_length=128, unique=True, editable=False)
+    # A volume lives on one engine: environments that mount it are placed on this node.
+    node = models.ForeignKey(Node, default=local_node_id, on_delete=models.PROTECT, related_name="team_volumes")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -262,6 +331,7 @@ class KeptWorkspace(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="kept_workspaces")
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="kept_workspaces")
     volume_name = models.CharField(max_length=128, unique=True, editable=False)
+    node = models.ForeignKey(Node, default=local_node_id, on_delete=models.PROTECT, related_name="kept_workspaces")  # where the volume is
     environment_name = models.CharField(max_length=63, help_text="The deleted environment's name.")
     template_slug = models.CharField(max_length=64, blank=True)
     disk_mb = models.PositiveIntegerField(default=0, help_text="The deleted environment's disk allotment (MiB), "

@@ -633,9 +633,15 @@ async def opened(target: Target, meter: Meter) -> None:
 async def open_tunnel(target: Target) -> Any:
     from environments import keeper
 
+    from environments import nodes, runtime
+
     try:
-        return await asyncio.wait_for(keeper.open_tunnel(target.container_id, target.env_id, docker_call, target.port),
-                                      TUNNEL_TIMEOUT)
+        engine = await dbpool.run(nodes.engine_for_environment_id, target.env_id)
+    except runtime.NodeUnavailableError as exc:
+        raise PreviewError(503, "node_unavailable", str(exc)) from None
+    try:
+        return await asyncio.wait_for(keeper.open_tunnel(engine, target.container_id, target.env_id, docker_call,
+                                                         target.port), TUNNEL_TIMEOUT)
     except asyncio.TimeoutError:
         raise PreviewError(504, "timeout", f"The environment did not open port {target.port} within "
                                            f"{TUNNEL_TIMEOUT:.0f} s.") from None

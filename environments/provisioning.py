@@ -28,7 +28,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Profile
-from environments import identity, keeper, runtime, services
+from environments import identity, keeper, nodes, runtime, services
 from environments.models import Environment, SetupStatus, Status
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def provision(env_id: Any, worker_id: str) -> None:
     if not claim(env_id, worker_id):
         return
     try:
-        env = Environment.objects.select_related("template", "owner").get(pk=env_id)
+        env = Environment.objects.select_related("template", "owner", "node").get(pk=env_id)
     except Environment.DoesNotExist:
         return
     with LeaseKeeper(env_id, worker_id):
@@ -141,30 +141,37 @@ def _fail(env: Environment, reason: str, **fields: Any) -> None:
 def _provision(env: Environment) -> None:
     # A resumed provisioning keeps the pull summary an earlier attempt recorded.
     pulled: dict[str, Any] = {"pulled": env.progress["pulled"]} if env.progress.get("pulled") else {}
-    # 1. image
-    if not _with_engine_retry("inspecting the image", lambda: runtime.image_exists(env.image)):
-        _progress(env, phase="pulling", image=env.image, current=0, total=0)
-        writer = _ProgressWriter(env)
-        _with_engine_retry("pulling the image", lambda: runtime.pull_image(env.image, writer))
-        pulled = {"pulled": writer.summary}
+    engine = nodes.engine_of_node(env.node)  # errors, not the node's flag, decide here: retried, then failed
+    # 1. image: pulled by the node, or, for a snapshot, copied from the node it was committed on
+    if not _with_engine_retry("inspecting the image", lambda: engine.image_exists(env.image)):
+        source = env.template.image_node
+        if source is not None and source.pk != env.node_id and env.template.image == env.image:
+            _progress(env, phase="copying", image=env.image, source_node=source.name)
+            _with_engine_retry("copying the image from node " + source.name,
+                               lambda: engine.load_image(nodes.engine_on(source).save_image(env.image)))
+        else:
+            _progress(env, phase="pulling", image=env.image, current=0, total=0)
+            writer = _ProgressWriter(env)
+            _with_engine_retry("pulling the image", lambda: engine.pull_image(env.image, writer))
+            pulled = {"pulled": writer.summary}
     # 2-3. volume and container (create_container ensures the volume; an existing container is adopted)
     _progress(env, phase="creating", **pulled)
     spec = services.container_spec(env)
-    state = _with_engine_retry("looking for the container", lambda: runtime.find_environment_container(str(env.id), spec.name))
+    state = _with_engine_retry("looking for the container", lambda: engine.find_environment_container(str(env.id), spec.name))
     if state is not None and state.status in ("dead", "removing"):
-        _with_engine_retry("removing a broken container", lambda: runtime.remove_container(state.container_id))
+        _with_engine_retry("removing a broken container", lambda: engine.remove_container(state.container_id))
         state = None
     if state is None:
-        _with_engine_retry("preparing the session keeper", lambda: keeper.ensure_volume(env.image))
+        _with_engine_retry("preparing the session keeper", lambda: keeper.ensure_volume(engine, env.image))
     container_id = state.container_id if state is not None else _with_engine_retry(
-        "creating the container", lambda: runtime.create_container(spec))
+        "creating the container", lambda: engine.create_container(spec))
     if not Environment.objects.filter(pk=env.pk, status=Status.CREATING).update(container_id=container_id):
         raise Abandoned()
     env.container_id = container_id
     # 4. start
     if state is None or not state.running:
         keeper.clear_boot_identity(env.id)
-        _with_engine_retry("starting the container", lambda: runtime.start_container(container_id))
+        _with_engine_retry("starting the container", lambda: engine.start_container(container_id))
     # 5. the environment user
     _progress(env, phase="user", **pulled)
     _with_engine_retry("creating the environment user", lambda: ensure_identity(env))
@@ -175,7 +182,7 @@ def _provision(env: Environment) -> None:
     if env.setup_status == SetupStatus.RUNNING:
         # Its worker died mid-hook. The hook may still be running in the container (Docker
         # cannot kill an exec) and may have half-done its work: say so rather than guess.
-        _stop_quietly(env.container_id)
+        _stop_quietly(engine, env.container_id)
         _fail(env, "setup was interrupted (the worker running it stopped); see the setup log. "
                    "Start the environment to use it as it is, or delete and recreate it",
               setup_status=SetupStatus.FAILED, stopped_at=timezone.now())
@@ -184,7 +191,7 @@ def _provision(env: Environment) -> None:
         failure = run_setup(env)
         if failure is not None:
             log.info("setup of %s failed: %s", env.pk, failure)
-            _stop_quietly(env.container_id)
+            _stop_quietly(engine, env.container_id)
             _fail(env, failure, setup_status=SetupStatus.FAILED, stopped_at=timezone.now())
             return
     # 7. ready
@@ -200,9 +207,9 @@ def _provision(env: Environment) -> None:
         services.publish_environment(env)
 
 
-def _stop_quietly(container_id: str) -> None:
+def _stop_quietly(engine: runtime.Engine, container_id: str) -> None:
     try:
-        runtime.stop_container(container_id, timeout=2)
+        engine.stop_container(container_id, timeout=2)
     except runtime.EngineError:
         pass
 
@@ -251,22 +258,23 @@ def ensure_identity(env: Environment, *, boot_wait: float = 5.0) -> dict[str, An
     log: read that first. A container made before LSL did that, or one whose boot script failed,
     gets the script through an exec, which also reports what went wrong.
     """
-    found = _identity_from_boot_file(env, boot_wait) or _identity_from_boot_log(services.require_container(env), boot_wait)
+    engine = nodes.engine_for(env)
+    found = _identity_from_boot_file(env, boot_wait) or _identity_from_boot_log(engine, services.require_container(env), boot_wait)
     if found is not None:
-        _share_team_volumes(env)
+        _share_team_volumes(engine, env)
         env.identity = found
         Environment.objects.filter(pk=env.pk).update(identity=found)
         return found
     profile = Profile.for_user(env.owner)
     command = identity.ensure_user_command(profile, shell=env.template.shell or "/bin/sh", sudo=env.template.allow_sudo,
                                            owned_dirs=[runtime.WORKSPACE_PATH])
-    result = runtime.exec_run(services.require_container(env), command, user="0:0")
+    result = engine.exec_run(services.require_container(env), command, user="0:0")
     found = identity.parse_identity(result.output)
     if result.exit_code != 0 or found is None:
         detail = result.output.decode(errors="replace").strip()[-500:]
         raise runtime.EngineError(f"could not create the environment user {profile.shell_name!r} "
                                   f"(exit {result.exit_code}): {detail}")
-    _share_team_volumes(env)
+    _share_team_volumes(engine, env)
     env.identity = found
     Environment.objects.filter(pk=env.pk).update(identity=found)
     return found
@@ -279,7 +287,7 @@ def _identity_from_boot_file(env: Environment, wait: float) -> dict[str, Any] | 
     """The boot script's LSL-IDENTITY line from the file it leaves in the keeper's directory on this
     host (a local read every 2 ms; no engine call). None without that directory, or once the
     keeper's socket is up with no file (the script ran before it: it failed, or is an older one)."""
-    path = keeper.boot_identity_file(env.id)
+    path = keeper.boot_identity_file(env.id) if env.node.shares_host else None
     if path is None or not path.parent.is_dir():
         return None
     socket_path = path.parent / keeper.SOCKET_NAME
@@ -294,30 +302,30 @@ def _identity_from_boot_file(env: Environment, wait: float) -> dict[str, Any] | 
     return None
 
 
-def _identity_from_boot_log(container_id: str, wait: float) -> dict[str, Any] | None:
+def _identity_from_boot_log(engine: runtime.Engine, container_id: str, wait: float) -> dict[str, Any] | None:
     """The LSL-IDENTITY line the boot script printed, waiting up to `wait` seconds for it (it takes
     a few milliseconds after start); None if the log never shows one (then the caller execs)."""
     deadline = time.monotonic() + wait
     delay = 0.005
     while True:
         # The last line wins: the log keeps earlier starts' lines, and the profile may have changed since.
-        lines = runtime.container_log(container_id).splitlines()
+        lines = engine.container_log(container_id).splitlines()
         found = next((identity.parse_identity(line) for line in reversed(lines) if line.startswith(b"LSL-IDENTITY ")), None)
         if found is not None:
             return found
         if time.monotonic() > deadline:
             return None
-        if delay >= 0.08 and not (runtime.container_state(container_id) or _NOT_RUNNING).running:
+        if delay >= 0.08 and not (engine.container_state(container_id) or _NOT_RUNNING).running:
             return None  # past the quick polls, a container that died will never print it
 
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
 
 
-def _share_team_volumes(env: Environment) -> None:
+def _share_team_volumes(engine: runtime.Engine, env: Environment) -> None:
     shared = [m["target"] for m in env.mounts if m.get("type") == "volume" and not m.get("read_only")]
     if shared:
-        runtime.exec_run(env.container_id, ["/bin/sh", "-c", identity.SHARE_DIR_SCRIPT, "lsl-share", *shared], user="0:0")
+        engine.exec_run(env.container_id, ["/bin/sh", "-c", identity.SHARE_DIR_SCRIPT, "lsl-share", *shared], user="0:0")
 
 
 # --- setup hooks -----------------------------------------------------------------------------
@@ -405,7 +413,7 @@ def _run_setup_steps(env: Environment, steps: list[tuple[str, str]], user: str, 
         _progress(env, phase="setup", step=number, of=len(steps), command=command)
         out.write(f"{'#' if who == 'root' else '$'} {command}\n", flush=True)
         try:
-            chunks, exit_code = runtime.exec_stream(
+            chunks, exit_code = nodes.engine_for(env).exec_stream(
                 env.container_id, ["/bin/sh", "-c", command], user="0:0" if who == "root" else user,
                 workdir=runtime.WORKSPACE_PATH, environment={**info, **(user_env if who == "user" else {})})
             for chunk in chunks:
@@ -426,7 +434,7 @@ def _run_setup_steps(env: Environment, steps: list[tuple[str, str]], user: str, 
 def _hand_over_workspace(env: Environment, user: str) -> None:
     """Files root's setup left in the workspace and home belong to the environment user."""
     home = services.shell_environment(env)["HOME"]
-    runtime.exec_run(env.container_id, ["chown", "-R", "-h", user, runtime.WORKSPACE_PATH, home], user="0:0")
+    nodes.engine_for(env).exec_run(env.container_id, ["chown", "-R", "-h", user, runtime.WORKSPACE_PATH, home], user="0:0")
 
 
 def enforce_setup_deadlines() -> list[str]:
@@ -434,7 +442,7 @@ def enforce_setup_deadlines() -> list[str]:
     and the provisioning worker, if alive, records the timeout; if it is dead, we do."""
     now = timezone.now()
     late = list(Environment.objects.filter(status=Status.CREATING, setup_status=SetupStatus.RUNNING,
-                                           setup_deadline_at__lt=now).exclude(container_id=""))
+                                           setup_deadline_at__lt=now).exclude(container_id="").select_related("node"))
     for env in late:
         log.info("setup of %s passed its deadline: stopping its container", env.pk)
         # The reason first: the provisioning worker sees the hook die as the container stops, and
@@ -446,7 +454,7 @@ def enforce_setup_deadlines() -> list[str]:
                     progress={"phase": "failed", "error": reason}, updated_at=now):
                 env.refresh_from_db()
                 services.publish_environment(env)
-        _stop_quietly(env.container_id)
+        _stop_quietly(nodes.engine_of_node(env.node), env.container_id)
     return [str(env.pk) for env in late]
 
 

@@ -20,8 +20,8 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from environments import runtime, services
-from environments.models import Environment, SetupStatus, Status
+from environments import nodes, runtime, services
+from environments.models import Environment, Node, SetupStatus, Status
 from environments.signals import environment_stopped
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,15 @@ class EngineEventTracker:
             return Change("start")
         return None
 
-    def apply(self, event: runtime.EngineEvent) -> None:
+    def apply(self, event: runtime.EngineEvent, node: Node | None = None) -> None:
+        """`node`: the node whose event stream this came from (its environments only)."""
         change = self.interpret(event, time.monotonic())
         if change is None or not event.environment_id:
             return
-        env = (Environment.objects.select_related("owner", "template", "team")
+        env = (Environment.objects.select_related("owner", "template", "team", "node")
                .filter(pk=event.environment_id).first())
-        if env is None or _busy(env) or (env.container_id and env.container_id != event.container_id):
+        if env is None or _busy(env) or (node is not None and env.node_id != node.pk) or \
+                (env.container_id and env.container_id != event.container_id):
             return
         if change.action == "start":
             if env.status in (Status.STOPPED, Status.ERROR, Status.MISSING):
@@ -128,16 +130,34 @@ def _status_for(state: runtime.ContainerState | None) -> str:
     return Status.RUNNING if state.running else Status.STOPPED
 
 
-def reconcile(envs: list[Environment] | None = None) -> list[Environment]:
-    """Make rows agree with the engine (one engine call). Returns the environments that changed.
+def reconcile(node: Node | None = None, envs: list[Environment] | None = None) -> list[Environment]:
+    """Make rows agree with the engine (one engine call per node). Returns the environments that changed.
+
+    `node`: that node's environments only (its watcher reconnected, or it came back); otherwise every
+    available node in turn, one that does not answer left for its own next turn (EngineError only
+    when none answered). `envs`: just these (admin's action).
 
     `creating` rows belong to their provisioning worker; rows with an action in progress belong to
     that action; a failed setup or a container-less error stays an error until someone starts it.
     """
-    states = runtime.list_managed_containers()
+    if node is None:
+        wanted = {env.node_id for env in envs} if envs is not None else None
+        targets = [n for n in Node.objects.filter(available=True) if wanted is None or n.pk in wanted]
+        changed: list[Environment] = []
+        failures: list[runtime.EngineError] = []
+        for target in targets:
+            try:
+                changed += reconcile(target, [e for e in envs if e.node_id == target.pk] if envs is not None else None)
+            except runtime.EngineError as exc:
+                log.info("reconcile of node %s: %s", target, exc)
+                failures.append(exc)
+        if failures and len(failures) == len(targets):
+            raise failures[0]
+        return changed
+    states = nodes.engine_of_node(node).list_managed_containers()
     candidates = envs if envs is not None else list(
-        Environment.objects.exclude(status=Status.CREATING).select_related("owner", "template", "team"))
-    changed: list[Environment] = []
+        Environment.objects.filter(node=node).exclude(status=Status.CREATING).select_related("owner", "template", "team", "node"))
+    changed = []
     for env in candidates:
         if _busy(env) or (env.status == Status.ERROR and (not env.container_id or env.setup_status == SetupStatus.FAILED)):
             continue

@@ -77,16 +77,26 @@ class EnvironmentSerializer(serializers.ModelSerializer):
                                       help_text="A kept workspace of yours (GET /api/v1/workspaces/) to attach instead of a new one.")
     role = serializers.SerializerMethodField()
     name = StrictSlugField(max_length=63)
+    status = serializers.SerializerMethodField(help_text="creating, running, stopped, error, missing, or "
+                                               "node_unavailable while the node it lives on does not answer.")
+    recorded_status = serializers.CharField(source="status", read_only=True,
+                                            help_text="The last status known (the same as status unless node_unavailable).")
+    node = serializers.CharField(source="node.name", read_only=True, help_text="The Docker engine it lives on.")
 
     class Meta:
         model = Environment
-        fields = ["id", "name", "owner", "team", "template", "image", "status", "container_id", "cpus", "memory_mb",
+        fields = ["id", "name", "owner", "team", "template", "image", "status", "recorded_status", "node", "container_id", "cpus", "memory_mb",
                   "disk_mb", "disk_used_mb", "disk_checked_at", "disk_grace_until", "pids", "network_mode", "mounts", "workspace_volume", "workspace", "progress", "last_error", "role",
                   "created_at", "updated_at", "started_at", "stopped_at", "stop_reason", "setup_status", "identity"]
         read_only_fields = ["id", "owner", "image", "status", "container_id", "pids", "workspace_volume", "progress",
                             "last_error", "created_at", "updated_at", "started_at", "stopped_at", "stop_reason",
                             "setup_status", "identity", "disk_used_mb", "disk_checked_at", "disk_grace_until"]
         validators: list[Any] = []  # uniqueness per owner is checked (with a clear message) in services
+
+    def get_status(self, env: Environment) -> str:
+        from environments.nodes import status_of
+
+        return status_of(env)
 
     def get_role(self, env: Environment) -> str | None:
         roles: dict[Any, Role] = self.context.get("roles", {})

@@ -25,7 +25,7 @@ from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
 
 from accounts.models import Profile, Team
-from environments import activity, identity, keeper, runtime, tasks
+from environments import activity, identity, keeper, nodes, runtime, tasks
 from environments.models import (
     ROLE_CODENAMES,
     Environment,
@@ -35,6 +35,7 @@ from environments.models import (
     Role,
     SetupStatus,
     KeptWorkspace,
+    Node,
     Status,
     TeamVolume,
     Template,
@@ -69,7 +70,8 @@ def container_spec(env: Environment) -> runtime.ContainerSpec:
         network_mode=env.network_mode,
         workspace_volume=env.workspace_volume,
         binds=[runtime.Mount(m["source"], m["target"], bool(m.get("read_only")), m.get("type", "bind")) for m in env.mounts]
-        + [keeper.volume_mount()] + ([mount] if (mount := keeper.container_mount(env.id)) is not None else []),
+        + [keeper.volume_mount()]
+        + ([mount] if env.node.shares_host and (mount := keeper.container_mount(env.id)) is not None else []),
         # A UTF-8 locale unless the template says otherwise: in the C locale bash echoes a typed `ü` as
         # `\303\274`. C.UTF-8 needs no locale package (glibc 2.35+, musl, BusyBox).
         env={"LANG": "C.UTF-8", **{str(k): str(v) for k, v in (env.template.env or {}).items()}},
@@ -91,8 +93,10 @@ def environment_payload(env: Environment) -> dict[str, Any]:
 
     return {"id": str(env.id), "name": env.name, "owner": env.owner.get_username(),
             "team": env.team.slug if env.team_id and env.team else None, "template": env.template.slug,
-            "status": env.status, "progress": env.progress, "last_error": env.last_error, "stop_reason": env.stop_reason,
+            # `node_unavailable` while its node does not answer; `recorded_status` is the last known one.
+            "status": nodes.status_of(env), "recorded_status": env.status, "progress": env.progress, "last_error": env.last_error, "stop_reason": env.stop_reason,
             "setup_status": env.setup_status, "started_at": iso(env.started_at), "stopped_at": iso(env.stopped_at),
+            "node": env.node.name,
             "updated_at": iso(timezone.now())}
 
 
@@ -175,8 +179,13 @@ def create_environment(owner: AbstractBaseUser, req: CreateRequest) -> Environme
                     raise InvalidInput({"workspace": ["no such kept workspace"]})
                 workspace_volume = req.workspace.volume_name
             check_quota(owner, req.team, cpus=cpus, memory_mb=memory, disk_mb=disk, new=True)
+            # After the quota lock: concurrent creates see each other's reservations.
+            pinned, because = nodes.pinned_node(workspace=req.workspace, volume_names=[
+                m["source"] for m in mounts if m.get("type") == "volume"])
+            node = nodes.place(cpus=cpus, memory_mb=memory, selector=template.node_selector, pinned=pinned,
+                               pinned_because=because, needs_host=any(m.get("type", "bind") == "bind" for m in mounts))
             env = Environment.objects.create(
-                id=env_id, name=req.name, owner=owner, team=req.team, template=template, image=template.image,
+                id=env_id, name=req.name, owner=owner, team=req.team, template=template, image=template.image, node=node,
                 status=Status.CREATING, cpus=cpus, memory_mb=memory, disk_mb=disk, pids=template.pids, network_mode=network,
                 mounts=mounts, workspace_volume=workspace_volume, progress={"phase": "queued"},
                 setup_status=SetupStatus.PENDING if has_setup else SetupStatus.NONE,
@@ -271,7 +280,7 @@ def shell_identity(env: Environment) -> tuple[str, dict[str, str]]:
 
 def shell_session_identity(container_id: str) -> tuple[str, dict[str, str]]:
     """`shell_identity` by container id (what a terminal hub knows). Unknown container: the image default."""
-    env = Environment.objects.select_related("owner", "template").filter(container_id=container_id).first()
+    env = Environment.objects.select_related("owner", "template", "node").filter(container_id=container_id).first()
     if env is None:
         return "", {}
     return shell_identity(env)
@@ -318,26 +327,27 @@ def start_environment(env: Environment) -> Environment:
     on the same workspace volume."""
     if env.status == Status.CREATING:
         raise runtime.EngineError("the environment is still being created")
+    engine = nodes.engine_for(env)
     with _pending(env, "start"):
-        state = runtime.container_state(env.container_id) if env.container_id else None
+        state = engine.container_state(env.container_id) if env.container_id else None
         if state is None or not state.running:
             check_quota(env.owner, env.team, cpus=env.cpus, memory_mb=env.memory_mb, new=False, exclude=env)
         if state is not None and state.status in ("dead", "removing"):
-            runtime.remove_container(state.container_id)
+            engine.remove_container(state.container_id)
             state = None
         if state is None:
             spec = container_spec(env)
             # A container of ours under the same name (created, then never recorded) is in the way.
-            stale = runtime.find_environment_container(str(env.id), spec.name)
+            stale = engine.find_environment_container(str(env.id), spec.name)
             if stale is not None:
-                runtime.remove_container(stale.container_id)
-            keeper.ensure_volume(env.image)
-            env.container_id = runtime.create_container(spec)
+                engine.remove_container(stale.container_id)
+            keeper.ensure_volume(engine, env.image)
+            env.container_id = engine.create_container(spec)
             env.identity = {}  # a new container has no user yet
             env.save(update_fields=["container_id", "identity", "updated_at"])
         if state is None or not state.running:
             keeper.clear_boot_identity(env.id)
-            runtime.start_container(env.container_id)
+            engine.start_container(env.container_id)
         if not env.identity:
             from environments.provisioning import ensure_identity
 
@@ -367,11 +377,12 @@ def _disk_grace(env: Environment, now: Any) -> dict[str, Any]:
 def stop_environment(env: Environment, *, reason: str = "stopped", detail: str = "") -> Environment:
     """Stop the container (never delete anything); `detail` says why to people (e.g. the disk limit)."""
     container_id = require_container(env)
+    engine = nodes.engine_for(env)
     with _pending(env, "stop"):
         # Before the container goes: sessions then end with this reason, not "the shell exited".
         environment_stopped.send(sender=Environment, environment=env, reason=reason)
         try:
-            runtime.stop_container(container_id)
+            engine.stop_container(container_id)
         except runtime.ContainerNotFound:
             pass
         with transaction.atomic():
@@ -382,9 +393,10 @@ def stop_environment(env: Environment, *, reason: str = "stopped", detail: str =
 
 def restart_environment(env: Environment) -> Environment:
     container_id = require_container(env)
+    engine = nodes.engine_for(env)
     with _pending(env, "restart"):
         environment_stopped.send(sender=Environment, environment=env, reason="restarted")
-        runtime.restart_container(container_id)
+        engine.restart_container(container_id)
         with transaction.atomic():
             now = timezone.now()
             set_status(env, Status.RUNNING, **{"started_at": now, "last_error": "", "stop_reason": "",
@@ -394,26 +406,27 @@ def restart_environment(env: Environment) -> Environment:
 
 def delete_environment(env: Environment, *, purge: bool = False) -> None:
     """Remove the container; the workspace volume is kept unless `purge` (data loss is explicit)."""
+    engine = nodes.engine_for(env)  # a node that is down: 503, and nothing is forgotten about it
     with _pending(env, "delete"):
         environment_stopped.send(sender=Environment, environment=env, reason="deleted")
         if env.container_id:
-            runtime.remove_container(env.container_id)
+            engine.remove_container(env.container_id)
         else:
             # A dead worker may have created a container it never recorded.
-            stale = runtime.find_environment_container(str(env.id), f"lsl-{env.short_id}")
+            stale = engine.find_environment_container(str(env.id), f"lsl-{env.short_id}")
             if stale is not None:
-                runtime.remove_container(stale.container_id)
+                engine.remove_container(stale.container_id)
         if purge and env.workspace_volume:
-            runtime.remove_volume(env.workspace_volume)
+            engine.remove_volume(env.workspace_volume)
         keeper.remove_host_dir(env.id)
         # Kept (and listed) only if it was made: an environment can fail before its volume exists.
-        keep = not purge and bool(env.workspace_volume) and runtime.volume_exists(env.workspace_volume)
+        keep = not purge and bool(env.workspace_volume) and engine.volume_exists(env.workspace_volume)
         with transaction.atomic():
             payload = environment_payload(env)
             env_id, owner_id = env.pk, env.owner_id
             if keep:
                 KeptWorkspace.objects.get_or_create(volume_name=env.workspace_volume, defaults={
-                    "owner": env.owner, "team": env.team, "environment_name": env.name,
+                    "owner": env.owner, "team": env.team, "environment_name": env.name, "node": env.node,
                     "template_slug": env.template.slug if env.template_id else "", "disk_mb": env.disk_mb})
             env.delete()
             events.publish("environment.deleted", {"environment": payload}, environment_id=env_id, user_ids=[owner_id])
@@ -457,7 +470,7 @@ def resize_environment(env: Environment, *, cpus: float, memory_mb: int, pids: i
     with transaction.atomic():
         if env.container_id:
             try:
-                runtime.update_resources(env.container_id, cpus=cpus, memory_mb=memory_mb, pids=pids)
+                nodes.engine_for(env).update_resources(env.container_id, cpus=cpus, memory_mb=memory_mb, pids=pids)
             except runtime.ContainerNotFound:
                 pass  # recreated with the new limits at the next start
         env.cpus, env.memory_mb, env.pids = cpus, memory_mb, pids
@@ -470,7 +483,7 @@ def resize_environment(env: Environment, *, cpus: float, memory_mb: int, pids: i
 
 def purge_kept_workspace(kept: KeptWorkspace) -> None:
     """Delete a kept workspace's data (the volume) and its record. Explicit, like `delete --purge`."""
-    runtime.remove_volume(kept.volume_name)  # refused by the engine (an EngineError) while a container uses it
+    nodes.engine_on(kept.node).remove_volume(kept.volume_name)  # refused by the engine (an EngineError) while a container uses it
     with transaction.atomic():
         kept.delete()
         events.publish("workspace.purged", {"workspace": str(kept.pk), "volume": kept.volume_name},
@@ -485,16 +498,22 @@ def adopt_orphan_workspaces() -> list[KeptWorkspace]:
     in_use = set(Environment.objects.exclude(workspace_volume="").values_list("workspace_volume", flat=True))
     known = set(KeptWorkspace.objects.values_list("volume_name", flat=True))
     adopted = []
-    for volume in runtime.list_workspace_volumes():
-        if volume.name in in_use or volume.name in known:
+    for node in Node.objects.filter(available=True):
+        try:
+            volumes = nodes.engine_of_node(node).list_workspace_volumes()
+        except runtime.EngineError as exc:
+            log.info("listing workspace volumes on %s: %s", node, exc)
             continue
-        owner = get_user_model().objects.filter(username=volume.owner).first()
-        if owner is None:
-            continue  # an owner deleted since: an operator's call (`docker volume rm`), not ours
-        kept, _ = KeptWorkspace.objects.get_or_create(volume_name=volume.name, defaults={
-            "owner": owner, "environment_name": f"(deleted {volume.environment_id[:8]})" if volume.environment_id
-            else "(unknown)", "deleted_at": volume.created_at or timezone.now()})
-        adopted.append(kept)
+        for volume in volumes:
+            if volume.name in in_use or volume.name in known:
+                continue
+            owner = get_user_model().objects.filter(username=volume.owner).first()
+            if owner is None:
+                continue  # an owner deleted since: an operator's call (`docker volume rm`), not ours
+            kept, _ = KeptWorkspace.objects.get_or_create(volume_name=volume.name, defaults={
+                "owner": owner, "node": node, "environment_name": f"(deleted {volume.environment_id[:8]})"
+                if volume.environment_id else "(unknown)", "deleted_at": volume.created_at or timezone.now()})
+            adopted.append(kept)
     return adopted
 
 
@@ -608,7 +627,7 @@ def is_active(env: Environment) -> bool:
     """Someone is attached to it (e.g. one of its terminal sessions), or a command (exec) is running in it."""
     if activity.attached(env):
         return True
-    return bool(env.container_id) and runtime.running_exec_count(env.container_id) > 0
+    return bool(env.container_id) and nodes.engine_for(env).running_exec_count(env.container_id) > 0
 
 
 def stop_idle_environments(*, idle_after: float | None = None) -> list[Environment]:
@@ -618,7 +637,8 @@ def stop_idle_environments(*, idle_after: float | None = None) -> list[Environme
         return []
     stopped: list[Environment] = []
     now = timezone.now()
-    for env in Environment.objects.filter(status=Status.RUNNING).exclude(container_id="").select_related("owner", "template", "team"):
+    for env in (Environment.objects.filter(status=Status.RUNNING, node__available=True).exclude(container_id="")
+                .select_related("owner", "template", "team", "node")):
         try:
             if is_active(env):
                 Environment.objects.filter(pk=env.pk).update(last_active_at=now)
@@ -638,15 +658,18 @@ def stop_idle_environments(*, idle_after: float | None = None) -> list[Environme
 
 # --- team volumes ------------------------------------------------------------------------
 
-def create_team_volume(team: Team, name: str, *, by: AbstractBaseUser | None = None) -> TeamVolume:
+def create_team_volume(team: Team, name: str, *, by: AbstractBaseUser | None = None, node: Node | None = None) -> TeamVolume:
+    """A volume lives on one node (`node`, else the one placement would pick for a new environment
+    now); environments that mount it are placed there."""
     if TeamVolume.objects.filter(team=team, name=name).exists():
         raise InvalidInput({"name": [f"team {team.slug!r} already has a volume named {name!r}"]})
     volume_name = f"lsl-team-{team.slug[:40]}-{name[:40]}-{uuid.uuid4().hex[:8]}"
     with transaction.atomic():
         if by is not None:
             check_team_volume_quota(by)  # before anything is written; the engine's volume comes last
-        volume = TeamVolume.objects.create(team=team, name=name, volume_name=volume_name, created_by=by)
-        runtime.ensure_volume(volume_name, {"lsl.team": team.slug, "lsl.team-volume": name})
+        node = node or nodes.place(cpus=0, memory_mb=0, selector={})
+        volume = TeamVolume.objects.create(team=team, name=name, volume_name=volume_name, created_by=by, node=node)
+        nodes.engine_on(node).ensure_volume(volume_name, {"lsl.team": team.slug, "lsl.team-volume": name})
     return volume
 
 
@@ -661,7 +684,7 @@ def delete_team_volume(volume: TeamVolume) -> None:
     if users:
         names = ", ".join(f"{env.owner.get_username()}/{env.name}" for env in users[:5])
         raise InvalidInput({"volume": [f"volume {volume.name!r} is mounted by {names}: delete those environments first"]})
-    runtime.remove_volume(volume.volume_name)
+    nodes.engine_on(volume.node).remove_volume(volume.volume_name)
     volume.delete()
 
 
@@ -692,16 +715,17 @@ def snapshot_environment(env: Environment, by: AbstractBaseUser, *, slug: str, d
     for team in teams:
         if not by.is_superuser and not team.memberships.filter(user=by).exists():
             errors.setdefault("teams", []).append(f"you are not a member of team {team.slug!r}")
-    if not env.container_id or runtime.container_state(env.container_id) is None:
+    engine = nodes.engine_for(env)
+    if not env.container_id or engine.container_state(env.container_id) is None:
         errors["environment"] = ["the environment has no container to snapshot"]
     if errors:
         raise InvalidInput(errors)
     source = env.template
     tag = timezone.now().strftime("%Y%m%d%H%M%S")
     repository = f"{SNAPSHOT_REPOSITORY}/{slug}"
-    runtime.commit_container(env.container_id, repository, tag,
+    engine.commit_container(env.container_id, repository, tag,
                              labels={"lsl.snapshot.of": str(env.id), "lsl.snapshot.by": by.get_username()},
-                             copy_paths=(runtime.WORKSPACE_PATH,) if include_workspace else ())
+                            copy_paths=(runtime.WORKSPACE_PATH,) if include_workspace else ())
     with transaction.atomic():
         template = Template.objects.create(
             slug=slug, image=f"{repository}:{tag}",
@@ -710,6 +734,7 @@ def snapshot_environment(env: Environment, by: AbstractBaseUser, *, slug: str, d
             pids=source.pids,
             network_modes=source.network_modes, mounts=source.mounts, allow_user_mounts=source.allow_user_mounts,
             allow_sudo=source.allow_sudo, setup=[], user_setup=[], labels=source.labels, public=False,
+            node_selector=source.node_selector, image_node=env.node,  # other nodes copy the image from there
             managed_by_catalog=False, created_by=by, snapshot_of=f"{env.owner.get_username()}/{env.name} ({env.id})",
         )
         template.teams.set(teams)

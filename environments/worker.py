@@ -31,8 +31,8 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from environments import metrics, policy, provisioning, reconcile, runtime, services, tasks
-from environments.models import Environment, Status
+from environments import metrics, nodes, policy, provisioning, reconcile, runtime, services, tasks
+from environments.models import Environment, Node, Status
 from lsl_site import events, wake
 from lsl_site.dbpool import refresh_connections
 from lsl_site.models import PeriodicJob
@@ -49,16 +49,20 @@ class Periodic:
 
 def _sample_stats() -> dict[str, Any]:
     """Container figures for the monitor and /metrics, so that reading them never asks the engine."""
-    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id=""))
+    envs = list(Environment.objects.filter(status=Status.RUNNING, node__available=True).exclude(container_id="")
+                .select_related("node"))
     stats = metrics.sample_container_stats(envs)
     now = timezone.now()
     for env in envs:
         Environment.objects.filter(pk=env.pk).update(stats=stats.get(env.pk) or {}, stats_at=now)
     Environment.objects.exclude(status=Status.RUNNING).exclude(stats={}).update(stats={}, stats_at=None)
-    try:
-        return {"engine": runtime.engine_info(), "engine_up": True, "sampled_at": now.isoformat()}
-    except runtime.EngineError as exc:
-        return {"engine": {"error": str(exc)}, "engine_up": False, "sampled_at": now.isoformat()}
+    # Per node, from the node check's last `docker info` (no engine call here).
+    per_node = {n.name: {"available": n.available, **n.engine} for n in Node.objects.all()}
+    local = per_node.get(Node.LOCAL) or next(iter(per_node.values()), {})
+    up = bool(local.get("available"))
+    return {"engine": {"containers_running": local.get("containers_running", 0), "server_version": local.get("version", ""),
+                       "ncpu": local.get("ncpu", 0), "mem_total": local.get("mem_total", 0)} if up else
+            {"error": "the local node does not answer"}, "engine_up": up, "nodes": per_node, "sampled_at": now.isoformat()}
 
 
 # The engine's walk of every layer and volume costs ~5 ms per small environment and ~10 µs per file
@@ -74,12 +78,19 @@ def enforce_disk_limits() -> dict[str, Any]:
     measure (it walks every container layer and volume it has). A slow walk pushes the next run back
     (DISK_CHECK_MAX_SHARE), so that many or huge workspaces cannot keep the engine's disk busy.
     """
-    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id="")
-                .select_related("owner", "template", "team"))
+    envs = list(Environment.objects.filter(status=Status.RUNNING, node__available=True).exclude(container_id="")
+                .select_related("owner", "template", "team", "node"))
     if not envs:
         return {"environments": 0, "measured": 0, "stopped": 0, "seconds": 0.0}
     started = time.monotonic()
-    usage = runtime.disk_usage({str(env.pk): (env.container_id, env.workspace_volume) for env in envs})
+    usage: dict[str, runtime.DiskUsage] = {}
+    for node_id in {env.node_id for env in envs}:  # one engine walk per node
+        on_node = [env for env in envs if env.node_id == node_id]
+        try:
+            usage.update(nodes.engine_for(on_node[0]).disk_usage(
+                {str(env.pk): (env.container_id, env.workspace_volume) for env in on_node}))
+        except runtime.EngineError as exc:
+            log.info("disk usage on node %s: %s", on_node[0].node, exc)
     took = time.monotonic() - started
     now = timezone.now()
     if took / DISK_CHECK_MAX_SHARE > settings.LSL_DISK_CHECK_INTERVAL:
@@ -131,14 +142,14 @@ def scan_listening_ports() -> dict[str, Any]:
             ports.do_update_listening_ports(env, [])
             cleared += 1
         Environment.objects.filter(pk=env.pk).exclude(status=Status.RUNNING).update(ports_checked_at=None)
-    envs = list(Environment.objects.filter(status=Status.RUNNING).exclude(container_id="")
-                .exclude(network_mode=NetworkMode.HOST).only("id", "owner_id", "container_id", "listening_ports"))
+    envs = list(Environment.objects.filter(status=Status.RUNNING, node__available=True).exclude(container_id="")
+                .exclude(network_mode=NetworkMode.HOST).select_related("node"))
     if not envs:
         return {"environments": 0, "scanned": 0, "changed": 0, "cleared": cleared}
 
     def scan(env: Environment) -> list[ports.ListeningPort] | None:
         try:
-            return keeper.listening_ports(env.container_id, env.pk)
+            return keeper.listening_ports(nodes.engine_for(env), env.container_id, env.pk)
         except Exception as exc:  # noqa: BLE001 - an old keeper, a container going away: try again next time
             log.debug("port scan of %s failed: %s", env.pk, exc)
             return None
@@ -166,6 +177,7 @@ def _prune_task_results() -> int:
 
 
 PERIODIC: list[Periodic] = [
+    Periodic("check_nodes", lambda: settings.LSL_NODE_CHECK_INTERVAL, nodes.check_nodes),
     Periodic("resume_stalled_provisioning", lambda: 2.0,
              lambda: provisioning.resume_stalled(tasks.enqueue_provisioning)),
     Periodic("enforce_setup_deadlines", lambda: 2.0, provisioning.enforce_setup_deadlines),
@@ -213,7 +225,7 @@ class Worker:
         tasks.WORKER_ID = self.worker_id
         log.info("worker %s: %d task threads, engine watcher, %d periodic jobs", self.worker_id, self.threads, len(PERIODIC))
         self._spawn("lsl-task-claimer", self._run_tasks)
-        self._spawn("lsl-engine-watcher", self._watch_engine)
+        self._spawn("lsl-engine-watchers", self._watch_engines)
         for job in PERIODIC:
             self._spawn(f"lsl-periodic-{job.name}", self._run_periodic, job)
 
@@ -320,28 +332,55 @@ class Worker:
 
     # --- engine events --------------------------------------------------------------------------
 
-    def _watch_engine(self) -> None:
-        backoff = 0.5
-        tracker = reconcile.EngineEventTracker()
+    def _watch_engines(self) -> None:
+        """One event watcher thread per node, started as nodes are added (looked for every few
+        seconds); a watcher ends when its node is removed or its address changes."""
+        watching: dict[tuple[int, str], threading.Thread] = {}
         while not self.stopping.is_set():
             refresh_connections()
             try:
-                stream = runtime.container_events()  # subscribed before the reconcile: nothing falls between
-                changed = reconcile.reconcile()
-                log.info("engine watcher: connected; reconcile changed %d environments", len(changed))
+                current = {(n.pk, n.url): n for n in Node.objects.all()}
+            except Exception:
+                log.exception("engine watchers: listing nodes failed")
+                current = {}
+            for key, node in current.items():
+                if key not in watching or not watching[key].is_alive():
+                    thread = threading.Thread(target=self._guarded, args=(self._watch_engine, node), daemon=True,
+                                              name=f"lsl-engine-watcher-{node.name}")
+                    thread.start()
+                    watching[key] = thread
+            for key in [k for k in watching if k not in current]:
+                watching.pop(key)  # its thread sees the node gone at its next reconnect and ends
+            self.stopping.wait(3.0)
+
+    def _watch_engine(self, node: Node) -> None:
+        backoff = 0.5
+        tracker = reconcile.EngineEventTracker()
+        engine = nodes.engine_of_node(node)
+        while not self.stopping.is_set():
+            refresh_connections()
+            if not Node.objects.filter(pk=node.pk, url=node.url).exists():
+                log.info("engine watcher %s: node removed; stopping", node.name)
+                return
+            try:
+                stream = engine.container_events()  # subscribed before the reconcile: nothing falls between
+                node.refresh_from_db()
+                changed = reconcile.reconcile(node)
+                log.info("engine watcher %s: connected; reconcile changed %d environments", node.name, len(changed))
                 backoff = 0.5
                 for event in stream:
                     refresh_connections()
                     try:
-                        tracker.apply(event)
+                        tracker.apply(event, node)
                     except Exception:
-                        log.exception("engine watcher: applying %s failed", event)
+                        log.exception("engine watcher %s: applying %s failed", node.name, event)
                     if self.stopping.is_set():
                         return
             except runtime.EngineError as exc:
-                log.warning("engine watcher: %s; reconnecting in %.1fs", exc, backoff)
+                log.log(logging.INFO if backoff >= 5.0 else logging.WARNING,
+                        "engine watcher %s: %s; reconnecting in %.1fs", node.name, exc, backoff)
             except Exception:
-                log.exception("engine watcher failed; reconnecting in %.1fs", backoff)
+                log.exception("engine watcher %s failed; reconnecting in %.1fs", node.name, backoff)
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, 5.0)
 

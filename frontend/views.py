@@ -61,7 +61,7 @@ def _service_errors(exc: DomainError) -> list[str]:
 
 def _visible_environment(request: HttpRequest, env_id: uuid.UUID) -> tuple[Environment, Role]:
     """The environment and the caller's role, or 404 when they may not view it (never 403: no leak)."""
-    qs = Environment.objects.visible_to(request.user).select_related("owner", "team", "template")
+    qs = Environment.objects.visible_to(request.user).select_related("owner", "team", "template", "node")
     env = get_object_or_404(qs, pk=env_id)
     role = role_for(request.user, env)
     if role is None:
@@ -97,7 +97,7 @@ def _live_sessions_by_environment(envs: list[Environment]) -> dict[uuid.UUID, li
 def _dashboard_context(request: HttpRequest, form: EnvironmentCreateForm | None = None) -> dict[str, Any]:
     user = request.user
     cursor = _event_cursor()
-    visible = Environment.objects.visible_to(user).select_related("owner", "team", "template")
+    visible = Environment.objects.visible_to(user).select_related("owner", "team", "template", "node")
     # Filter choices come from what the user can already see, so they reveal nothing new.
     team_slugs = sorted({slug for slug in visible.values_list("team__slug", flat=True) if slug})
     template_slugs = sorted(set(visible.values_list("template__slug", flat=True)))
@@ -265,7 +265,7 @@ def monitor(request: HttpRequest) -> HttpResponse:
     if not _is_staff(request.user):
         raise PermissionDenied("The monitoring page is for staff; each environment has its own monitor page.")
     cursor = _event_cursor()
-    envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template"))
+    envs = list(Environment.objects.visible_to(request.user).select_related("owner", "template", "node"))
     live = _live_sessions_by_environment(envs)
     host = metrics.host_snapshot()
     context = {

@@ -64,12 +64,15 @@ class Conflict(exceptions.APIException):
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    from environments.runtime import EngineError, EngineUnavailableError, ImageNotFound
+    from environments.runtime import EngineError, EngineUnavailableError, ImageNotFound, NodeUnavailableError
 
     if isinstance(exc, Http404):  # get_object_or_404's: the same code as the API's own NotFound
         exc = exceptions.NotFound(str(exc) or None)
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied(str(exc) or None)
+    if isinstance(exc, NodeUnavailableError):
+        return Response({"error": {"code": "node_unavailable", "detail": str(exc), "node": exc.node}},
+                        status=status.HTTP_503_SERVICE_UNAVAILABLE)
     if isinstance(exc, EngineUnavailableError):
         exc = EngineUnavailable(str(exc))
     elif isinstance(exc, ImageNotFound):

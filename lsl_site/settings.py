@@ -253,6 +253,11 @@ LSL_WORKER_THREADS = env_int("LSL_WORKER_THREADS", 4, minimum=1)
 LSL_WORKER_POLL_INTERVAL = env_float("LSL_WORKER_POLL_INTERVAL", 0.5, minimum=0.01)  # fallback: queuing wakes it
 LSL_PROVISION_LEASE = env_float("LSL_PROVISION_LEASE", 15.0, minimum=3)  # seconds; renewed every third of it
 LSL_ENGINE_RETRY_FOR = env_float("LSL_ENGINE_RETRY_FOR", 30.0, minimum=0)  # provisioning waits this long for an engine that is down
+# Nodes (environments/nodes.py): the worker asks every node's engine for `docker info` this often,
+# waiting at most LSL_NODE_CHECK_TIMEOUT; LSL_NODE_FAILURES misses in a row mark it unavailable.
+LSL_NODE_CHECK_INTERVAL = env_float("LSL_NODE_CHECK_INTERVAL", 2.0, minimum=0.2)
+LSL_NODE_CHECK_TIMEOUT = env_float("LSL_NODE_CHECK_TIMEOUT", 3.0, minimum=0.2)
+LSL_NODE_FAILURES = env_int("LSL_NODE_FAILURES", 2, minimum=1)
 LSL_STATS_INTERVAL = env_float("LSL_STATS_INTERVAL", 10.0, minimum=1)
 # Events (lsl_site/events.py): wake-ups (lsl_site/wake.py: a local socket, Redis pub/sub across
 # hosts) deliver them at once; polling this often is the fallback, slowed to LSL_EVENT_POLL_SLOW

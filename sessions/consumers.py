@@ -107,7 +107,7 @@ def _json_size(value: Any) -> int | None:
 
 
 def _load(session_id: str, user: Any) -> tuple[TerminalSession | None, Role | None]:
-    session = TerminalSession.objects.select_related("environment").filter(pk=session_id).first()
+    session = TerminalSession.objects.select_related("environment", "environment__node").filter(pk=session_id).first()
     if session is None or session.environment is None:
         return session, None
     return session, role_for(user, session.environment)

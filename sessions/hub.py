@@ -28,7 +28,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from environments import keeper, runtime
+from environments import keeper, nodes, runtime
 from environments.services import shell_session_identity
 from lsl_site import dbpool, events
 from sessions import fanout, services
@@ -91,8 +91,10 @@ class Member:
 
 
 class Hub:
-    def __init__(self, session: TerminalSession, container_id: str, channel: str, *, takeover: bool) -> None:
+    def __init__(self, session: TerminalSession, container_id: str, channel: str, *, takeover: bool,
+                 engine: runtime.Engine) -> None:
         self.session_id = str(session.pk)
+        self.engine = engine  # the environment's node's
         self.environment_id = str(session.environment_id)
         self.container_id = container_id
         self.channel = channel
@@ -134,7 +136,7 @@ class Hub:
             self.session_id, argv=self.command, uid=int(uid), gid=int(gid or uid), cwd=runtime.WORKSPACE_PATH,
             env={"TERM": "xterm-256color", **user_env}, cols=self.cols, rows=self.rows, from_offset=0,
             create=not self.takeover)
-        self.link, hello = await keeper.open_link(self.container_id, self.environment_id, in_docker_thread, request)
+        self.link, hello = await keeper.open_link(self.engine, self.container_id, self.environment_id, in_docker_thread, request)
         # The stream goes on at the keeper's offsets. Taking over, the keeper replays what it kept
         # (the last LSL_KEEPER_RING bytes) and the screen is rebuilt from it; the recording goes on
         # from what was new.
@@ -236,12 +238,13 @@ class Hub:
         for attempt in range(3):
             await asyncio.sleep(0.3 * (attempt + 1))
             try:
-                state = await in_docker_thread(runtime.container_state, self.container_id)
+                state = await in_docker_thread(self.engine.container_state, self.container_id)
                 if state is None or not state.running:
                     return False
                 request = keeper.open_request(self.session_id, argv=self.command, uid=0, gid=0, cwd="/", env={},
                                               cols=self.cols, rows=self.rows, from_offset=self.offset, create=False)
-                self.link, _hello = await keeper.open_link(self.container_id, self.environment_id, in_docker_thread, request)
+                self.link, _hello = await keeper.open_link(self.engine, self.container_id, self.environment_id,
+                                                           in_docker_thread, request)
                 log.info("session %s: attached to the keeper again at %d", self.session_id, self.offset)
                 return True
             except (runtime.EngineError, asyncio.TimeoutError, EOFError) as exc:
@@ -268,17 +271,21 @@ class Hub:
             # The keeper went away without an exit: the container stopped, or was removed.
             reason = EndReason.EXITED
             try:
-                state = await in_docker_thread(runtime.container_state, self.container_id)
+                state = await in_docker_thread(self.engine.container_state, self.container_id)
+            except runtime.EngineUnavailableError:
+                reason, state = EndReason.NODE_UNAVAILABLE, None  # gone with its engine, or cut off from it
             except runtime.EngineError:
                 state = None
-            if state is None:
+            if reason is not None:
+                pass
+            elif state is None:
                 reason = EndReason.ENVIRONMENT_DELETED
             elif not state.running:
                 reason = EndReason.ENVIRONMENT_STOPPED
         await self._finish(reason or EndReason.EXITED, code)
         if code is not None:
             # The end is recorded: the keeper may drop what it kept of this session.
-            await in_docker_thread(keeper.forget_session, self.container_id, self.environment_id, self.session_id)
+            await in_docker_thread(keeper.forget_session, self.engine, self.container_id, self.environment_id, self.session_id)
 
     def _on_event(self, record: events.EventRecord) -> None:
         if record.kind == "session.ended" and record.session_id == self.session_id and not self.finished.is_set():
@@ -582,7 +589,7 @@ async def ensure_hub(session_id: str) -> str:
     channel = f"lslhub.{uuid.UUID(session_id).hex}.{uuid.uuid4().hex[:12]}"
     for _ in range(3):
         outcome = await dbpool.run(services.claim_hub, session_id, channel)
-        session = await dbpool.run(TerminalSession.objects.select_related("environment").get, pk=session_id)
+        session = await dbpool.run(TerminalSession.objects.select_related("environment", "environment__node").get, pk=session_id)
         if outcome != "remote" or session.hub_channel:
             break
         # Released between the claim and the read (its owner shut down, or the reaper): claim again.
@@ -596,7 +603,12 @@ async def ensure_hub(session_id: str) -> str:
     if env is None or not env.container_id:
         await dbpool.run(services.mark_ended, session_id, EndReason.SERVER_ERROR, None)
         raise LookupError(EndReason.SERVER_ERROR)
-    hub = Hub(session, env.container_id, channel, takeover=outcome == "taken_over")
+    try:
+        engine = nodes.engine_for(env)
+    except runtime.NodeUnavailableError as exc:
+        await dbpool.run(services.mark_ended, session_id, EndReason.NODE_UNAVAILABLE, None)
+        raise LookupError(EndReason.NODE_UNAVAILABLE) from exc
+    hub = Hub(session, env.container_id, channel, takeover=outcome == "taken_over", engine=engine)
     try:
         await hub.start()
     except runtime.EngineError as exc:

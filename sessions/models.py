@@ -19,6 +19,7 @@ class EndReason(models.TextChoices):
     ENVIRONMENT_DELETED = "environment_deleted", "Environment deleted"
     SERVER_LOST = "server_lost", "The server process holding the terminal went away"
     SERVER_ERROR = "server_error", "The terminal could not be started"
+    NODE_UNAVAILABLE = "node_unavailable", "The node the environment lives on stopped answering"
 
 
 class TerminalSession(models.Model):

@@ -169,7 +169,7 @@ def rejoin(participation_id: int) -> None:
 def end_lost_session(session_id: Any, reason: str = EndReason.SERVER_LOST) -> bool:
     """Nobody serves the session any more and nobody came back for it: end it (its participants hear it
     through `session.ended`) and kill the shell the keeper holds for it."""
-    from environments import keeper, runtime
+    from environments import keeper, nodes, runtime
 
     row = (TerminalSession.objects.filter(pk=session_id)
            .values("environment_id", "environment__container_id").first())
@@ -177,7 +177,8 @@ def end_lost_session(session_id: Any, reason: str = EndReason.SERVER_LOST) -> bo
         return False
     if row["environment__container_id"]:
         try:
-            keeper.kill_session(row["environment__container_id"], row["environment_id"], str(session_id))
+            engine = nodes.engine_for_environment_id(row["environment_id"])
+            keeper.kill_session(engine, row["environment__container_id"], row["environment_id"], str(session_id))
         except runtime.EngineError as exc:
             log.info("session %s: could not kill the orphaned shell: %s", session_id, exc)
     log.info("session %s: nobody served it; ended as %s", session_id, reason)
@@ -194,7 +195,7 @@ def reap_lost_sessions() -> list[str]:
     Returns the ids of the sessions it ended."""
     from django.conf import settings
 
-    from environments import keeper, runtime
+    from environments import keeper, nodes, runtime
 
     now = timezone.now()
     live = TerminalSession.objects.filter(ended_at__isnull=True)
@@ -204,19 +205,26 @@ def reap_lost_sessions() -> list[str]:
     ended: list[str] = []
     grace = timedelta(seconds=settings.LSL_SESSION_REATTACH_GRACE)
     unserved = live.filter(hub_channel="").exclude(hub_seen_at=None).values(
-        "pk", "hub_seen_at", "environment_id", "environment__container_id")
+        "pk", "hub_seen_at", "environment_id", "environment__container_id", "environment__node__available")
     kept: dict[Any, dict[str, keeper.KeptSession] | None] = {}
     for row in unserved:
         session_id, container_id = str(row["pk"]), row["environment__container_id"]
+        if row["environment__node__available"] is False:
+            # Its node does not answer: nobody can serve it, and nothing can be asked of its keeper.
+            if row["hub_seen_at"] < now - grace and mark_ended(session_id, EndReason.NODE_UNAVAILABLE, None):
+                ended.append(session_id)
+            continue
         if container_id and row["environment_id"] not in kept:
             try:
-                kept[row["environment_id"]] = keeper.list_sessions(container_id, row["environment_id"])
+                engine = nodes.engine_for_environment_id(row["environment_id"])
+                kept[row["environment_id"]] = keeper.list_sessions(engine, container_id, row["environment_id"])
             except runtime.EngineError:
                 kept[row["environment_id"]] = None  # stopped or gone: reconcile ends its sessions
         shell = (kept.get(row["environment_id"]) or {}).get(session_id)
         if shell is not None and not shell.alive:
             if mark_ended(session_id, EndReason.EXITED, shell.exit_code):
-                keeper.forget_session(container_id, row["environment_id"], session_id)
+                keeper.forget_session(nodes.engine_for_environment_id(row["environment_id"]), container_id,
+                                      row["environment_id"], session_id)
                 ended.append(session_id)
         elif shell is None and kept.get(row["environment_id"]) is not None:
             ended += [session_id] if end_lost_session(session_id) else []  # the keeper has no such shell

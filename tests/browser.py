@@ -126,9 +126,9 @@ def cleanup_containers(transactional_db: Any) -> Iterator[None]:
     for env in Environment.objects.all():  # the transactional test database holds only this test's rows
         try:
             if env.container_id:
-                runtime.remove_container(env.container_id)
+                runtime.local().remove_container(env.container_id)
             if env.workspace_volume:
-                runtime.remove_volume(env.workspace_volume)
+                runtime.local().remove_volume(env.workspace_volume)
         except runtime.EngineError:
             pass
 

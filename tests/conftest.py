@@ -30,14 +30,14 @@ def engine() -> Iterator[None]:
     from environments import runtime
 
     try:
-        runtime.ping()
+        runtime.local().ping()
     except runtime.EngineError as exc:
         pytest.fail(f"A running Docker engine is required (start one: 'bash scripts/engine.sh'): {exc}", pytrace=False)
-    missing = [image for image in TEST_IMAGES if not runtime.image_exists(image)]
+    missing = [image for image in TEST_IMAGES if not runtime.local().image_exists(image)]
     if missing:
         pytest.fail(f"Test images missing: {missing}. Build them with 'make images'.", pytrace=False)
     yield
-    runtime.remove_instance_resources()
+    runtime.local().remove_instance_resources()
 
 
 @pytest.fixture()

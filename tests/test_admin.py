@@ -80,7 +80,7 @@ def test_an_admin_edit_of_limits_reaches_the_running_container(superuser_client:
             "network_mode": "host", "mounts": "[]", "image": "evil:latest"}  # read-only fields: ignored
     response = superuser_client.post(url, form)
     assert response.status_code == 302, response.content.decode()[:3000]
-    host = runtime.inspect_container(env.container_id)["HostConfig"]
+    host = runtime.local().inspect_container(env.container_id)["HostConfig"]
     assert (host["NanoCpus"], host["Memory"], host["PidsLimit"]) == (250_000_000, 200 * 1024 * 1024, 100)
     env.refresh_from_db()
     assert (env.cpus, env.memory_mb, env.pids, env.network_mode, env.image) == (0.25, 200, 100, "bridge",

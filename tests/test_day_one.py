@@ -44,7 +44,7 @@ def run(env: Any, command: str) -> tuple[int, str]:
     from environments import services
 
     user, user_env = services.shell_identity(env)
-    result = runtime.exec_run(env.container_id, ["/bin/bash", "-lc", command], user=user, environment=user_env)
+    result = runtime.local().exec_run(env.container_id, ["/bin/bash", "-lc", command], user=user, environment=user_env)
     return result.exit_code, result.output.decode(errors="replace").strip()
 
 

@@ -49,7 +49,7 @@ def write_mb(env: Environment, path: str, mb: int) -> None:
     """Write `mb` MiB of real (non-sparse) data as the environment user, as anyone in a terminal could.
     The worker may stop the environment mid-write: that is the point, so the exit code is not asked."""
     try:
-        runtime.exec_run(env.container_id, ["sh", "-c", f"dd if=/dev/zero of={path} bs=1048576 count={mb} 2>&1"],
+        runtime.local().exec_run(env.container_id, ["sh", "-c", f"dd if=/dev/zero of={path} bs=1048576 count={mb} 2>&1"],
                          user=services.shell_user(env))
     except runtime.EngineError:
         pass  # stopped under it
@@ -109,8 +109,8 @@ def test_a_full_workspace_is_stopped_by_the_worker_with_the_reason(people: Any, 
     assert (shown["status"], shown["stop_reason"], shown["disk_mb"]) == ("stopped", "disk", 20)
     assert shown["last_error"] == stopped.last_error and shown["disk_used_mb"] > 20
     # Stopped, never deleted: the container and the data are still there.
-    assert runtime.container_state(env.container_id) is not None
-    assert runtime.volume_exists(env.workspace_volume)
+    assert runtime.local().container_state(env.container_id) is not None
+    assert runtime.local().volume_exists(env.workspace_volume)
 
     # Starting again is allowed (to delete files), with a grace period and a notice...
     started = client.post(f"/api/v1/environments/{env.pk}/start/").json()
@@ -118,19 +118,19 @@ def test_a_full_workspace_is_stopped_by_the_worker_with_the_reason(people: Any, 
     assert started["last_error"].startswith(f"over its disk limit ({stopped.disk_used_mb} MB used of 20 MB): delete "
                                             "files before "), started["last_error"]
     env.refresh_from_db()
-    kept = runtime.exec_run(env.container_id, ["du", "-sm", "/workspace/big"]).output.decode()
+    kept = runtime.local().exec_run(env.container_id, ["du", "-sm", "/workspace/big"]).output.decode()
     assert int(kept.split()[0]) > 15, kept  # nothing was deleted for the user
     # ...but not to write more: growing during the grace period stops it at once.
     write_mb(env, "/workspace/more", 8)
     again = wait_for(Stopped(env.pk), "stopped again for growing", fast_disk_worker)
     assert again.stop_reason == "disk"
     assert "growing while it was being cleaned up" in again.last_error, again.last_error
-    assert not runtime.container_state(env.container_id).running
+    assert not runtime.local().container_state(env.container_id).running
 
     # Start once more, clean up within the grace period: it keeps running past it.
     services.start_environment(Environment.objects.get(pk=env.pk))
     env.refresh_from_db()
-    assert runtime.exec_run(env.container_id, ["rm", "-f", "/workspace/big", "/workspace/more"],
+    assert runtime.local().exec_run(env.container_id, ["rm", "-f", "/workspace/big", "/workspace/more"],
                             user=services.shell_user(env)).exit_code == 0
     grace_over = env.disk_grace_until
     assert grace_over is not None
@@ -217,7 +217,7 @@ def test_hard_limits_are_used_where_the_engine_has_them() -> None:
     xfs = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "xfs"]]}
     assert not runtime.hard_disk_limit_in(ext4)
     assert runtime.hard_disk_limit_in(xfs) and runtime.hard_disk_limit_in({"Driver": "zfs"})
-    engine = runtime.supports_hard_disk_limit()
+    engine = runtime.local().supports_hard_disk_limit()
     from tests.conftest import docker_cli
 
     driver = docker_cli("info", "--format", "{{.Driver}} {{json .DriverStatus}}").stdout

@@ -29,30 +29,30 @@ def test_lifecycle_keeps_workspace_until_purge(people: Any) -> None:
     env = wait_for_status(data["id"], "running")
     volume = env.workspace_volume
 
-    result = runtime.exec_run(env.container_id, ["sh", "-c", "echo persisted > /workspace/note.txt"])
+    result = runtime.local().exec_run(env.container_id, ["sh", "-c", "echo persisted > /workspace/note.txt"])
     assert result.exit_code == 0, result.output
 
     assert client.post(f"/api/v1/environments/{env.id}/stop/").json()["status"] == "stopped"
-    assert runtime.container_state(env.container_id).running is False
+    assert runtime.local().container_state(env.container_id).running is False
     assert client.post(f"/api/v1/environments/{env.id}/start/").json()["status"] == "running"
-    assert runtime.exec_run(env.container_id, ["cat", "/workspace/note.txt"]).output == b"persisted\n"
+    assert runtime.local().exec_run(env.container_id, ["cat", "/workspace/note.txt"]).output == b"persisted\n"
 
     assert client.delete(f"/api/v1/environments/{env.id}/").status_code == 204
-    assert runtime.container_state(env.container_id) is None
-    assert runtime.volume_exists(volume), "delete without purge must keep the workspace volume"
+    assert runtime.local().container_state(env.container_id) is None
+    assert runtime.local().volume_exists(volume), "delete without purge must keep the workspace volume"
     assert not Environment.objects.filter(pk=env.id).exists()
 
     data = create_via_api(client, name="dev2", template="busybox")
     env2 = wait_for_status(data["id"], "running")
     assert client.delete(f"/api/v1/environments/{env2.id}/?purge=true").status_code == 204
-    assert not runtime.volume_exists(env2.workspace_volume)
-    runtime.remove_volume(volume)
+    assert not runtime.local().volume_exists(env2.workspace_volume)
+    runtime.local().remove_volume(volume)
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_container_is_hardened(people: Any, make_env: Any) -> None:
     env = make_env(people.owner, template="busybox")
-    info = runtime.inspect_container(env.container_id)
+    info = runtime.local().inspect_container(env.container_id)
     host = info["HostConfig"]
     assert host["CapDrop"] == ["ALL"]
     assert set(host["CapAdd"]) == set(runtime.DEV_SHELL_CAPABILITIES)
@@ -73,7 +73,7 @@ def test_container_is_hardened(people: Any, make_env: Any) -> None:
     assert labels["lsl.environment"] == str(env.id)
     assert labels["lsl.owner"] == "alice"
     # The limits are really enforced inside, not just recorded.
-    pids_max = runtime.exec_run(env.container_id, ["sh", "-c", "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max"])
+    pids_max = runtime.local().exec_run(env.container_id, ["sh", "-c", "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max"])
     assert pids_max.output.strip() == str(env.pids).encode()
 
 
@@ -87,7 +87,7 @@ def test_host_network_only_where_template_allows(people: Any, make_env: Any) -> 
     assert response.status_code == 400
     assert "network_mode" in response.json()["error"]["fields"]
     env = make_env(people.owner, template="busybox", network_mode="none")
-    assert runtime.inspect_container(env.container_id)["HostConfig"]["NetworkMode"] == "none"
+    assert runtime.local().inspect_container(env.container_id)["HostConfig"]["NetworkMode"] == "none"
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
@@ -154,7 +154,7 @@ def test_engine_unreachable_is_503_not_500(people: Any, make_env: Any, tmp_path:
         assert "not reachable" in response.json()["error"]["detail"]
         # Reads keep working from the database instead of failing.
         assert client.get(f"/api/v1/environments/{env.id}/").status_code == 200
-    assert runtime.container_state(env.container_id).running
+    assert runtime.local().container_state(env.container_id).running
 
 
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)

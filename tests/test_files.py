@@ -41,7 +41,7 @@ class Files:
         return requests.put(self.url(), params={"path": path, **params}, data=body, headers=headers, timeout=120)
 
     def sh(self, script: str) -> str:
-        result = runtime.exec_run(self.env.container_id, ["sh", "-c", script], user=f"{self.env.identity['uid']}:{self.env.identity['gid']}")
+        result = runtime.local().exec_run(self.env.container_id, ["sh", "-c", script], user=f"{self.env.identity['uid']}:{self.env.identity['gid']}")
         assert result.exit_code == 0, result.output
         return result.output.decode()
 

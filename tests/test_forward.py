@@ -86,10 +86,10 @@ def start_server(env: Any, mode: str, port: int, host: str = "127.0.0.1") -> Non
     """Run SERVER inside the environment (docker exec, detached) and wait until it listens."""
     from environments import runtime
 
-    runtime.exec_detached(env.container_id, ["python3", "-c", SERVER, mode, str(port), host], user="0:0")
+    runtime.local().exec_detached(env.container_id, ["python3", "-c", SERVER, mode, str(port), host], user="0:0")
     probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1).close()"
     deadline = time.monotonic() + 20
-    while runtime.exec_run(env.container_id, ["python3", "-c", probe]).exit_code != 0:
+    while runtime.local().exec_run(env.container_id, ["python3", "-c", probe]).exit_code != 0:
         assert time.monotonic() < deadline, f"the {mode} server on port {port} did not start"
         time.sleep(0.1)
 
@@ -364,7 +364,7 @@ def tunnel_processes(container_id: str) -> list[str]:
     keeper (a fork keeps its parent's command line; the keeper itself is a child of the init)."""
     from environments import runtime
 
-    out = runtime.exec_run(container_id, ["ps", "-eo", "pid=,ppid=,args="]).output.decode(errors="replace")
+    out = runtime.local().exec_run(container_id, ["ps", "-eo", "pid=,ppid=,args="]).output.decode(errors="replace")
     rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
     keepers = {pid for pid, _ppid, args in rows if "keeper serve" in args}
     return [" ".join(row) for row in rows if "keeper serve" in row[2] and row[1] in keepers]

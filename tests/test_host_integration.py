@@ -58,14 +58,14 @@ def test_shells_run_as_the_owner_with_sudo_only_where_allowed(people: Any, make_
     assert out.split() == ["/home/alice", "alice", "/workspace", str(profile.uid), str(profile.uid), str(profile.uid)], out
     assert run(env, "sudo", "-n", "true")[0] == 0
     assert run(env, "sudo", "-n", "id", "-u") == (0, "0\n")
-    assert "no-new-privileges:true" not in (runtime.inspect_container(env.container_id)["HostConfig"]["SecurityOpt"] or [])
+    assert "no-new-privileges:true" not in (runtime.local().inspect_container(env.container_id)["HostConfig"]["SecurityOpt"] or [])
 
     locked = make_env(people.owner, template=nosudo_template().slug)
     assert locked.status == "running", locked.last_error
     assert run(locked, "id", "-un") == (0, "alice\n")
     code, out = run(locked, "sudo", "-n", "true")
     assert code != 0, out
-    assert "no-new-privileges:true" in runtime.inspect_container(locked.container_id)["HostConfig"]["SecurityOpt"]
+    assert "no-new-privileges:true" in runtime.local().inspect_container(locked.container_id)["HostConfig"]["SecurityOpt"]
 
     # BusyBox has neither useradd nor adduser: the user is still created (by editing /etc/passwd).
     tiny = make_env(people.owner, template="busybox")
@@ -168,7 +168,7 @@ def test_host_network_needs_the_template_and_the_users_role(people: Any, make_en
     profile.allow_host_network = True
     profile.save()
     env = make_env(people.owner, template="busybox", network_mode="host")
-    assert runtime.inspect_container(env.container_id)["HostConfig"]["NetworkMode"] == "host"
+    assert runtime.local().inspect_container(env.container_id)["HostConfig"]["NetworkMode"] == "host"
     # ...but never where the template does not allow it, whoever asks.
     Template.objects.filter(slug="busybox").update(network_modes=["bridge"])
     refused = api_client(people.staff).post("/api/v1/environments/", {"name": "h2", "template": "busybox", "network_mode": "host"}, format="json")
@@ -215,7 +215,7 @@ def test_failed_setup_is_an_error_with_its_log_kept(people: Any) -> None:
     assert env.status == "error"
     assert env.setup_status == "failed"
     assert "setup step 2 ('echo oops >&2; exit 3') failed with exit status 3" in env.last_error
-    assert runtime.container_state(env.container_id).running is False
+    assert runtime.local().container_state(env.container_id).running is False
 
     response = client.get(f"/api/v1/environments/{env.id}/setup-log/")
     assert response.status_code == 200 and response["X-LSL-Setup-Status"] == "failed"
@@ -262,7 +262,7 @@ def test_hung_setup_is_stopped_at_the_deadline(people: Any) -> None:
     assert "waiting-for-nothing\n" in env.setup_log
     assert "[setup timed out after" in env.setup_log and "the container was stopped]" in env.setup_log
     assert "# echo never-runs" not in env.setup_log
-    while runtime.container_state(env.container_id).running:  # the hook died with the stop; the engine says so a moment later
+    while runtime.local().container_state(env.container_id).running:  # the hook died with the stop; the engine says so a moment later
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -276,7 +276,7 @@ def test_team_volume_is_shared_by_the_team_and_refused_to_outsiders(people: Any,
     created = alice.post("/api/v1/volumes/", {"team": "platform", "name": "shared"}, format="json")
     assert created.status_code == 201, created.content
     volume = created.json()
-    assert runtime.volume_exists(volume["volume_name"])
+    assert runtime.local().volume_exists(volume["volume_name"])
     # A team mallory is not in is, to her, a team that does not exist: 400, never a 403 saying it does.
     assert mallory.post("/api/v1/volumes/", {"team": "platform", "name": "mine"}, format="json").status_code == 400
     assert [v["name"] for v in bob.get("/api/v1/volumes/").json()["results"]] == ["shared"]
@@ -309,7 +309,7 @@ def test_team_volume_is_shared_by_the_team_and_refused_to_outsiders(people: Any,
         services.delete_environment(Environment.objects.get(pk=env.pk), purge=True)
     assert mallory.delete(f"/api/v1/volumes/{volume['id']}/").status_code == 404
     assert alice.delete(f"/api/v1/volumes/{volume['id']}/").status_code == 204
-    assert not runtime.volume_exists(volume["volume_name"])
+    assert not runtime.local().volume_exists(volume["volume_name"])
 
 
 # --- snapshots and environment files -------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_snapshot_becomes_a_template_for_chosen_teams(people: Any, make_env: Any
     finally:
         for leftover in Environment.objects.filter(template__slug="alice-setup"):
             services.delete_environment(leftover, purge=True)
-        runtime.remove_image(template["image"])
+        runtime.local().remove_image(template["image"])
 
 
 def test_export_then_create_from_yaml_reproduces_the_environment(people: Any, make_env: Any, tmp_path: Path) -> None:
@@ -373,7 +373,7 @@ def test_export_then_create_from_yaml_reproduces_the_environment(people: Any, ma
         for attr in ("template_id", "team_id", "network_mode", "cpus", "memory_mb", "disk_mb", "pids", "image"):
             assert getattr(copy, attr) == getattr(env, attr), attr
         assert copy.mounts == env.mounts and copy.name == "copy"
-        info = runtime.inspect_container(copy.container_id)
+        info = runtime.local().inspect_container(copy.container_id)
         # Its own mounts, plus the session keeper's binary and socket directory (environments/keeper.py).
         assert {m["Destination"] for m in info["Mounts"]} == {"/workspace", "/src", "/cache", "/.lsl/bin", "/.lsl/run"}
         assert info["HostConfig"]["NanoCpus"] == int(0.5e9) and info["HostConfig"]["Memory"] == 256 * 1024 * 1024

@@ -48,7 +48,7 @@ def test_hello_and_list_parse() -> None:
 async def _shell_round_trip(container_id: str, environment_id: Any, session_id: str) -> tuple[keeper.Hello, bytes]:
     request = keeper.open_request(session_id, argv=["/bin/sh"], uid=0, gid=0, cwd="/", env={"PS1": "$ "},
                                   cols=80, rows=24, from_offset=0, create=True)
-    link, hello = await keeper.open_link(container_id, environment_id, in_docker_thread, request)
+    link, hello = await keeper.open_link(runtime.local(), container_id, environment_id, in_docker_thread, request)
     try:
         link.input(b"echo kept-$((6*7))\n")
         out = b""
@@ -83,10 +83,10 @@ def test_the_exec_relay_reaches_the_same_keeper(people: Any, make_env: Any) -> N
     with override_settings(LSL_KEEPER_DIR=""):  # no host socket: through `docker exec keeper attach`
         hello, out = asyncio.run(_shell_round_trip(env.container_id, env.id, session_id))
         assert hello.created and b"kept-42" in out
-        listed = keeper.list_sessions(env.container_id, env.id)
+        listed = keeper.list_sessions(runtime.local(), env.container_id, env.id)
     # The fast path sees the same keeper and the same (exited) session.
     assert listed[session_id].exit_code == 129  # HUP
-    assert keeper.list_sessions(env.container_id, env.id)[session_id].exit_code == 129
+    assert keeper.list_sessions(runtime.local(), env.container_id, env.id)[session_id].exit_code == 129
 
 
 @pytest.mark.usefixtures("engine")
@@ -107,9 +107,9 @@ def test_a_container_without_a_keeper_gets_one(settings: Any) -> None:
 @pytest.mark.usefixtures("engine", "catalog")
 def test_it_rejects_a_plain_container_user(people: Any, make_env: Any) -> None:
     env = make_env(people.owner, template="busybox")
-    user = runtime.exec_run(env.container_id, [keeper.BINARY_IN_CONTAINER, "attach"], user="10001:10001")
+    user = runtime.local().exec_run(env.container_id, [keeper.BINARY_IN_CONTAINER, "attach"], user="10001:10001")
     assert user.exit_code != 0 and b"cannot reach the keeper" in user.output
-    root = runtime.exec_run(env.container_id, ["ls", "-ld", keeper.SOCKET_DIR_IN_CONTAINER])
+    root = runtime.local().exec_run(env.container_id, ["ls", "-ld", keeper.SOCKET_DIR_IN_CONTAINER])
     assert root.output.startswith(b"drwx------"), root.output
 
 

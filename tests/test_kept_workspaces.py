@@ -31,7 +31,7 @@ def test_a_kept_workspace_is_listed_attached_and_purged(people: Any, make_env: A
     assert response.status_code == 204, response.content
     kept = KeptWorkspace.objects.get(volume_name=volume)
     assert (kept.owner, kept.environment_name, kept.disk_mb) == (people.owner, "first", env.disk_mb)
-    assert runtime.volume_exists(volume)
+    assert runtime.local().volume_exists(volume)
     assert "first" in kept_names(people.owner)
     assert "first" not in kept_names(people.teammate)  # someone else's kept data is not even listed
     # Another user can neither attach nor purge it: the same answer as for no such workspace.
@@ -57,7 +57,7 @@ def test_a_kept_workspace_is_listed_attached_and_purged(people: Any, make_env: A
     kept = KeptWorkspace.objects.get(volume_name=volume)
     response = api_client(people.owner).delete(f"/api/v1/workspaces/{kept.pk}/")
     assert response.status_code == 204, response.content
-    assert not runtime.volume_exists(volume)
+    assert not runtime.local().volume_exists(volume)
     assert not KeptWorkspace.objects.filter(pk=kept.pk).exists()
 
 
@@ -80,14 +80,14 @@ def test_orphan_workspace_volumes_are_adopted(people: Any) -> None:
     import uuid
 
     name = f"lsl-ws-{uuid.uuid4().hex[:12]}"
-    runtime.ensure_volume(name, {runtime.LABEL_ENVIRONMENT: str(uuid.uuid4()), runtime.LABEL_OWNER: people.owner.username})
+    runtime.local().ensure_volume(name, {runtime.LABEL_ENVIRONMENT: str(uuid.uuid4()), runtime.LABEL_OWNER: people.owner.username})
     try:
         adopted = services.adopt_orphan_workspaces()
         assert name in [k.volume_name for k in adopted]
         assert KeptWorkspace.objects.get(volume_name=name).owner == people.owner
         assert name not in [k.volume_name for k in services.adopt_orphan_workspaces()]  # once
     finally:
-        runtime.remove_volume(name)
+        runtime.local().remove_volume(name)
 
 
 def test_an_environment_that_never_made_its_volume_keeps_nothing(people: Any) -> None:

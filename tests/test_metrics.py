@@ -18,7 +18,7 @@ from django.test import Client, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from environments import metrics, runtime
-from environments.models import Environment, Status, Template
+from environments.models import Environment, Node, Status, Template
 from sessions.models import Participation, TerminalSession
 
 ENV_LABELS = ("environment", "owner", "template")
@@ -203,7 +203,7 @@ def test_engine_down_still_serves_metrics(people: Any, catalog: None) -> None:
                                status=Status.RUNNING, container_id="0123456789ab", cpus=1, memory_mb=64, pids=64)
     with override_settings(LSL_DOCKER_HOST="unix:///nonexistent.sock"):
         with pytest.raises(runtime.EngineError):
-            runtime.ping()
+            runtime.local().ping()
         families = parse(scrape())
     assert value(families, "lsl_engine_up") == 0  # no worker sample in this database says otherwise
     # Nothing reconciled by a read: the row keeps its last known status.
@@ -234,11 +234,12 @@ def test_container_stats_are_sampled_concurrently_within_a_budget(monkeypatch: p
             with lock:
                 active -= 1
 
-    monkeypatch.setattr(runtime, "container_stats", slow_stats)
-    envs = [Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id=f"c{i}") for i in range(10)]
-    envs.append(Environment(id=uuid.uuid4(), status=Status.STOPPED, container_id="stopped"))
-    envs.append(Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id="broken"))
-    envs.append(Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id="stuck"))
+    monkeypatch.setattr(runtime.Engine, "container_stats", lambda self, container_id: slow_stats(container_id))
+    node = Node(name="local", available=True)  # unsaved: no database in this test
+    envs = [Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id=f"c{i}", node=node) for i in range(10)]
+    envs.append(Environment(id=uuid.uuid4(), status=Status.STOPPED, container_id="stopped", node=node))
+    envs.append(Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id="broken", node=node))
+    envs.append(Environment(id=uuid.uuid4(), status=Status.RUNNING, container_id="stuck", node=node))
 
     started = time.monotonic()
     stats = metrics.sample_container_stats(envs, budget=1.5)

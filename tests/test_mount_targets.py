@@ -220,7 +220,7 @@ def test_a_parent_swapped_for_a_link_while_running_stops_the_next_start(people: 
         env = make_env(people.owner, template="busybox", mounts=(f"{tmp_path}/ok:/srv/proj/sudoers.d:ro",))
     assert env.status == "running", env.last_error
     # As root, as a user of a template with sudo could (the busybox template's user cannot write /srv).
-    result = runtime.exec_run(env.container_id, ["sh", "-c", "mv /srv/proj /srv/old && ln -s /etc /srv/proj"])
+    result = runtime.local().exec_run(env.container_id, ["sh", "-c", "mv /srv/proj /srv/old && ln -s /etc /srv/proj"])
     assert result.exit_code == 0, result.output
     services.stop_environment(env)
     with pytest.raises(Exception) as refused:

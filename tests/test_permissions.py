@@ -580,7 +580,7 @@ def test_api_permission_matrix(people: Any, make_env: Any, no_throttling: None) 
         for slug in world.created_templates:
             template = Template.objects.filter(slug=slug).first()
             if template is not None:
-                runtime.remove_image(template.image)
+                runtime.local().remove_image(template.image)
         deadline = time.monotonic() + 60
         for env_id in world.created_envs:  # let the worker finish provisioning them, then remove them
             while Environment.objects.filter(pk=env_id, status="creating").exists() and time.monotonic() < deadline:

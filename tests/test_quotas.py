@@ -32,7 +32,7 @@ def refused(response: Any, limit: str) -> str:
 
 
 def containers_of(user: Any) -> int:
-    listed = runtime.list_managed_containers()
+    listed = runtime.local().list_managed_containers()
     return sum(1 for env_id in listed if Environment.objects.filter(pk=env_id, owner=user).exists())
 
 
@@ -69,7 +69,7 @@ def test_quota_is_enforced_at_start(people: Any, make_env: Any) -> None:
         message = refused(client.post(f"/api/v1/environments/{first.id}/start/"), "cpus")
         assert "0.5 in use" in message
         assert Environment.objects.get(pk=first.pk).status == "stopped"
-        assert runtime.container_state(first.container_id).running is False
+        assert runtime.local().container_state(first.container_id).running is False
         services.stop_environment(second)
         assert client.post(f"/api/v1/environments/{first.id}/start/").json()["status"] == "running"
 
@@ -203,7 +203,7 @@ def test_idle_environments_are_stopped_not_deleted(people: Any, make_env: Any) -
     assert services.stop_idle_environments(idle_after=1) == []
 
     # "busy" runs a command; someone is attached to a terminal session of "watched".
-    chunks, _ = runtime.exec_stream(busy.container_id, ["sleep", "3"])
+    chunks, _ = runtime.local().exec_stream(busy.container_id, ["sleep", "3"])
     drain = threading.Thread(target=lambda: list(chunks))
     drain.start()
     session = open_session(watched, people.owner)
@@ -214,8 +214,8 @@ def test_idle_environments_are_stopped_not_deleted(people: Any, make_env: Any) -
     assert [env.name for env in stopped] == ["idle"]
     idle.refresh_from_db()
     assert (idle.status, idle.stop_reason) == ("stopped", "idle")
-    assert runtime.container_state(idle.container_id) is not None, "stopped, never deleted"
-    assert runtime.volume_exists(idle.workspace_volume)
+    assert runtime.local().container_state(idle.container_id) is not None, "stopped, never deleted"
+    assert runtime.local().volume_exists(idle.workspace_volume)
 
     # Idle time counts from when activity was last seen: "busy" was last seen running its command by the
     # check above (the engine does not say when an exec ended); "watched" from its participant leaving.

@@ -40,9 +40,9 @@ def pushed_image() -> Iterator[str]:
     pushed = docker_cli("push", ref)
     assert pushed.returncode == 0, pushed.stderr
     assert docker_cli("rmi", ref).returncode == 0
-    assert not runtime.image_exists(ref)
+    assert not runtime.local().image_exists(ref)
     yield ref
-    runtime.remove_image(ref)
+    runtime.local().remove_image(ref)
     subprocess.run([*script, "stop"], capture_output=True, text=True, timeout=60, env=registry_env)
 
 
@@ -68,13 +68,13 @@ def test_create_pulls_missing_image_with_progress(people: Any, pushed_image: str
     assert any(p.get("phase") == "pulling" for p in seen), f"no pull progress observed: {seen}"
     assert seen[-1]["phase"] == "ready"
     assert seen[-1]["pulled"]["bytes"] > 20_000_000, seen[-1]
-    assert runtime.image_exists(pushed_image)
-    assert runtime.exec_run(data["container_id"], ["ls", "-l", "/payload"]).exit_code == 0
+    assert runtime.local().image_exists(pushed_image)
+    assert runtime.local().exec_run(data["container_id"], ["ls", "-l", "/payload"]).exit_code == 0
 
 
 def test_pull_reports_byte_progress_per_event(pushed_image: str) -> None:
     events: list[dict[str, Any]] = []
-    runtime.pull_image(pushed_image, events.append)
+    runtime.local().pull_image(pushed_image, events.append)
     downloading = [e for e in events if e["status"] == "Downloading"]
     assert downloading, [e["status"] for e in events]
     currents = [e["current"] for e in events]

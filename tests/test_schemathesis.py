@@ -77,7 +77,7 @@ def stack(tmp_path: Path) -> Any:
     yield stack
     stack.stop()
     # A fuzzed team volume (or environment workspace) is a real Docker volume labelled with the stack.
-    stack._manage("shell", "-c", "from environments import runtime; runtime.remove_instance_resources()")
+    stack._manage("shell", "-c", "from environments import runtime; runtime.local().remove_instance_resources()")
 
 
 def test_the_api_keeps_the_promises_of_its_openapi_schema(stack: Stack, tmp_path: Path) -> None:

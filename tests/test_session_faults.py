@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from environments import keeper
+from environments import keeper, runtime
 from sessions.models import TerminalSession
 from tests.conftest import docker_cli, start_daphne, stop_daphne
 from tests.test_cli import Cli, finish, spawn_shell
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.django_db(transaction=True, serialized_rollback=True),
 
 
 def kept(cast: Cast, session_id: str) -> keeper.KeptSession | None:
-    return keeper.list_sessions(cast.env.container_id, cast.env.id).get(session_id)
+    return keeper.list_sessions(runtime.local(), cast.env.container_id, cast.env.id).get(session_id)
 
 
 def process_alive(container_id: str, pid: int) -> bool:

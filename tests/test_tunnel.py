@@ -66,11 +66,11 @@ serve("0.0.0.0", @ECHO@, echo)
 
 
 def start_servers(container_id: str) -> None:
-    runtime.copy_into(container_id, {"/srv.py": (SERVERS.encode(), 0o644)})
-    runtime.exec_detached(container_id, ["python3", "/srv.py"], user="10001:10001")
+    runtime.local().copy_into(container_id, {"/srv.py": (SERVERS.encode(), 0o644)})
+    runtime.local().exec_detached(container_id, ["python3", "/srv.py"], user="10001:10001")
     deadline = time.monotonic() + 10
     while True:  # wait until the servers listen
-        out = runtime.exec_run(container_id, ["cat", "/proc/net/tcp"]).output.decode()
+        out = runtime.local().exec_run(container_id, ["cat", "/proc/net/tcp"]).output.decode()
         found = {p.port for p in ports.parse_proc_net_tcp(out)}
         if {HTTP_PORT, HOLD_PORT, ECHO_PORT} <= found:
             return
@@ -81,7 +81,7 @@ def start_servers(container_id: str) -> None:
 def tunnel_processes(container_id: str) -> list[str]:
     """Tunnels (forks of the keeper daemon that are not shells) and exec relays (`keeper attach`) in
     the container. The daemon is the `keeper serve` whose parent is not one (PID 1, or under --init)."""
-    out = runtime.exec_run(container_id, ["ps", "-eo", "pid=,ppid=,args="]).output.decode()
+    out = runtime.local().exec_run(container_id, ["ps", "-eo", "pid=,ppid=,args="]).output.decode()
     rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
     serving = {pid for pid, _ppid, args in rows if "keeper serve" in args}
     daemons = {pid for pid, ppid, args in rows if "keeper serve" in args and ppid not in serving}
@@ -94,12 +94,12 @@ def wait_no_tunnels(container_id: str, timeout: float = 5.0) -> None:
         time.sleep(0.1)
     if left:  # what they hold, for the failure message
         pid = left[0].split()[0]
-        detail = runtime.exec_run(container_id, ["sh", "-c", f"ls -l /proc/{pid}/fd; cat /proc/{pid}/net/tcp"]).output.decode()
+        detail = runtime.local().exec_run(container_id, ["sh", "-c", f"ls -l /proc/{pid}/fd; cat /proc/{pid}/net/tcp"]).output.decode()
         raise AssertionError(f"tunnel processes left in the container: {left}\n{detail}")
 
 
 async def http_get(container_id: str, environment_id: Any, port: int = HTTP_PORT) -> tuple[str, bytes]:
-    tunnel = await keeper.open_tunnel(container_id, environment_id, in_docker_thread, port)
+    tunnel = await keeper.open_tunnel(runtime.local(), container_id, environment_id, in_docker_thread, port)
     try:
         reader, writer = await tunnel.streams()
         writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -113,7 +113,7 @@ async def echo(container_id: str, environment_id: Any, data: bytes, *, half_clos
     """Send `data` through the echo server while reading its answer (neither side may wait for the
     other: a large payload fills every buffer on the way). With `half_close`, shut our writing side
     right after sending and read until the service's EOF."""
-    tunnel = await keeper.open_tunnel(container_id, environment_id, in_docker_thread, ECHO_PORT)
+    tunnel = await keeper.open_tunnel(runtime.local(), container_id, environment_id, in_docker_thread, ECHO_PORT)
     try:
         reader, writer = await tunnel.streams()
 
@@ -157,7 +157,7 @@ def test_a_tunnel_carries_every_byte_both_ways(env_with_servers: Any, path: str)
         assert took == path and page.startswith(b"HTTP/1.0 200 OK") and page.endswith(PAGE), page
         # Nothing listening: a 409 the user can act on, naming the port.
         with pytest.raises(ports.PortClosed) as closed:
-            await keeper.open_tunnel(cid, env.id, in_docker_thread, CLOSED_PORT)
+            await keeper.open_tunnel(runtime.local(), cid, env.id, in_docker_thread, CLOSED_PORT)
         assert f"port {CLOSED_PORT}" in closed.value.detail
         # Every byte value, both ways: control characters (0x03 Ctrl-C, 0x04 Ctrl-D, 0x10 0x11 docker's
         # detach keys Ctrl-P Ctrl-Q, 0x11/0x13 XON/XOFF, \r \n) pass unchanged through the TTY relay too.
@@ -207,24 +207,24 @@ def test_an_exec_tunnel_leaves_nothing_behind(env_with_servers: Any) -> None:
 def test_listening_ports_and_tunnel_hygiene(env_with_servers: Any) -> None:
     env = env_with_servers
     cid = env.container_id
-    found = {p.port: p.loopback_only for p in keeper.listening_ports(cid, env.id)}
+    found = {p.port: p.loopback_only for p in keeper.listening_ports(runtime.local(), cid, env.id)}
     assert found[HTTP_PORT] is True and found[HOLD_PORT] is True and found[ECHO_PORT] is False
     with override_settings(LSL_KEEPER_DIR=""):
-        assert {p.port: p.loopback_only for p in keeper.listening_ports(cid, env.id)} == found
+        assert {p.port: p.loopback_only for p in keeper.listening_ports(runtime.local(), cid, env.id)} == found
 
     async def scenario() -> None:
         # A shell in a session, and a tunnel open beside it.
         request = keeper.open_request("tun-" + uuid.uuid4().hex[:8], argv=["/bin/sh"], uid=0, gid=0, cwd="/",
                                       env={"PS1": "$ "}, cols=80, rows=24, from_offset=0, create=True)
-        link, _hello = await keeper.open_link(cid, env.id, in_docker_thread, request)
-        tunnel = await keeper.open_tunnel(cid, env.id, in_docker_thread, HOLD_PORT)
+        link, _hello = await keeper.open_link(runtime.local(), cid, env.id, in_docker_thread, request)
+        tunnel = await keeper.open_tunnel(runtime.local(), cid, env.id, in_docker_thread, HOLD_PORT)
         try:
             children = await in_docker_thread(tunnel_processes, cid)
             assert len(children) == 1, children
             pid = children[0].split()[0]
             # The tunnel holds its client's socket and nothing of the keeper's (no listening socket,
             # no other client, no PTY master): fds 0-2 (the container's stdio), 3, and its service.
-            fds = (await in_docker_thread(runtime.exec_run, cid, ["ls", f"/proc/{pid}/fd"])).output.split()
+            fds = (await in_docker_thread(runtime.local().exec_run, cid, ["ls", f"/proc/{pid}/fd"])).output.split()
             assert sorted(int(f) for f in fds) == [0, 1, 2, 3, 4], fds
             # So the shell's session ends at once when it exits, tunnel or not.
             link.input(b"exit 3\n")
@@ -286,8 +286,8 @@ def test_a_keeper_without_tunnels_says_restart(settings: Any, tmp_path: Any) -> 
         env_id = tmp_path.name
         with pytest.raises(keeper.KeeperError, match="restart the environment"):
             if call == "tunnel":
-                asyncio.run(keeper.open_tunnel("no-container", env_id, in_docker_thread, 3000))
+                asyncio.run(keeper.open_tunnel(runtime.local(), "no-container", env_id, in_docker_thread, 3000))
             else:
-                keeper.listening_ports("no-container", env_id)
+                keeper.listening_ports(runtime.local(), "no-container", env_id)
         thread.join(timeout=5)
     server.close()

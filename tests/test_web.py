@@ -365,8 +365,8 @@ def test_start_stop_restart_through_the_web(people: Any, make_env: Any) -> None:
     # The page's delete (with purge) removes the container and the workspace volume.
     Environment.objects.filter(pk=env.id).update(container_id=env.container_id)
     assert client.post(f"{url}delete/", {"purge": "on"}).status_code == 302
-    assert runtime.container_state(env.container_id) is None
-    assert not runtime.volume_exists(env.workspace_volume)
+    assert runtime.local().container_state(env.container_id) is None
+    assert not runtime.local().volume_exists(env.workspace_volume)
 
 
 # --- monitoring ------------------------------------------------------------------------------

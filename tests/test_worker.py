@@ -57,7 +57,7 @@ def test_worker_killed_mid_setup_never_leaves_the_row_creating(people: Any, work
     assert final.status == "error", final.status
     assert "setup was interrupted" in final.last_error
     assert final.setup_status == SetupStatus.FAILED and took < 60
-    assert not runtime.container_state(final.container_id).running, "the half-run hook was stopped with its container"
+    assert not runtime.local().container_state(final.container_id).running, "the half-run hook was stopped with its container"
 
     # `start` recovers it as it is, workspace intact.
     response = api_client(people.owner).post(f"/api/v1/environments/{env.pk}/start/")
@@ -91,7 +91,7 @@ def test_setup_deadline_is_enforced_by_the_worker(people: Any) -> None:
     assert final.status == "error"
     assert "did not finish within" in final.last_error and "LSL_SETUP_TIMEOUT" in final.last_error
     # The reason is recorded first, then the container is stopped (which ends the hook).
-    wait_for(lambda: not runtime.container_state(final.container_id).running, 10, "the container to stop")
+    wait_for(lambda: not runtime.local().container_state(final.container_id).running, 10, "the container to stop")
 
 
 @pytest.mark.parametrize(("command", "reason"), [("kill", "killed"), ("stop", "stopped")])
@@ -131,7 +131,7 @@ def test_reads_never_call_the_engine(people: Any, make_env: Any, monkeypatch: An
         calls.append("engine")
         raise AssertionError("a read asked the engine")
 
-    monkeypatch.setattr(runtime, "_client", no_engine)
+    monkeypatch.setattr(runtime.Engine, "client", property(lambda self: no_engine()))
     client = api_client(people.owner)
     for url in ("/api/v1/environments/", f"/api/v1/environments/{env.pk}/", "/api/v1/monitor/",
                 f"/api/v1/monitor/?environment={env.pk}", f"/api/v1/environments/{env.pk}/sessions/"):
