@@ -16,11 +16,13 @@ PORT ?= 8000
 
 KEEPER := environments/keeper/lsl-keeper
 
-.PHONY: help machine-run machine-test venv assets keeper docs migrate run images engine bench test clean distclean
+.PHONY: help machine-run machine-test venv assets keeper docs migrate run images engine bench test test-postgres compose-smoke clean distclean
 
 help:
 	@echo "make run        set up (venv, assets, migrate, catalog, admin) and serve on http://$(HOST):$(PORT)/ (web + worker)"
 	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to filter)"
+	@echo "make test-postgres  the same suite on PostgreSQL (a test cluster of its own: scripts/postgres.sh)"
+	@echo "make compose-smoke  build docker-compose.yml offline, bring it up, smoke-test it through its proxy, tear it down"
 	@echo "make images     build the offline test images (lsl-test/busybox, lsl-test/debian)"
 	@echo "make engine     start a Docker engine if none is reachable (needs root)"
 	@echo "make bench      terminal latency/throughput and create-to-prompt benchmarks"
@@ -90,6 +92,18 @@ images:
 # --- Checks -------------------------------------------------------------------
 test: machine-test venv assets keeper docs
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The whole suite again, on PostgreSQL: scripts/postgres.sh installs it if missing, starts a test
+# cluster of its own (127.0.0.1:5433, never the machine's `main` one) and prints its URL;
+# pytest-django creates test_lsl there and drops it at the end. Two steps, so that a failing
+# postgres.sh stops here instead of leaving LSL_DATABASE_URL empty (which would mean SQLite).
+# The cluster keeps running afterwards (a re-run starts in a second): `bash scripts/postgres.sh stop`.
+test-postgres: machine-test venv assets keeper docs
+	url="$$(bash scripts/postgres.sh)" && LSL_DATABASE_URL="$$url" $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# docker-compose.yml for real: proxy, web x2, worker, PostgreSQL, Redis (scripts/compose_smoke.sh).
+compose-smoke: machine-test venv
+	bash scripts/compose_smoke.sh
 
 bench: venv assets keeper
 	$(VPY) bench/terminal.py

@@ -291,3 +291,95 @@ class PortAuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# --- nodes (issue 15): the Docker engines environments are placed on --------------------------------
+
+class NodeAddForm(forms.ModelForm):
+    """Adding goes through nodes.do_add_node: the engine must answer, and a wrong address or a refused
+    certificate is a form error now, not an unavailable node later."""
+
+    class Meta:
+        from environments.models import Node
+
+        model = Node
+        fields = ["name", "url", "tls_ca", "tls_cert", "tls_key", "shares_host", "labels", "cpus", "memory_mb"]
+
+    def clean(self) -> dict[str, Any]:
+        from environments import nodes
+        from lsl_site.errors import InvalidInput
+
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            self.checked = nodes.do_add_node(
+                name=data["name"], url=data["url"], labels=data.get("labels") or {}, cpus=data.get("cpus") or 0,
+                memory_mb=data.get("memory_mb") or 0, tls_ca=data.get("tls_ca", ""), tls_cert=data.get("tls_cert", ""),
+                tls_key=data.get("tls_key", ""), shares_host=data.get("shares_host", False))
+        except InvalidInput as exc:
+            for field, problems in (exc.fields or {}).items():
+                self.add_error(field if field in self.fields else None, problems)
+        return data
+
+
+from environments.models import Node, NodeState  # noqa: E402  (next to its admin, like the form above)
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ["name", "url", "state", "available", "capacity", "environments_here", "checked_at"]
+    list_filter = ["state", "available"]
+    readonly_fields = ["available", "unavailable_since", "last_error", "checked_at", "engine", "created_at"]
+    actions = ["drain", "activate"]
+
+    def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = NodeAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        # The address is fixed once added: environments and volumes live on *that* engine.
+        return self.readonly_fields + (["name", "url", "state"] if obj is not None else [])
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+        # Added: NodeAddForm.clean saved it through nodes.do_add_node already.
+        elif getattr(form, "checked", None) is not None:
+            obj.pk = form.checked.pk
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        from environments import nodes
+
+        try:
+            nodes.do_remove_node(obj)
+        except DomainError as exc:
+            self.message_user(request, exc.detail, messages.ERROR)
+
+    @admin.display(description="CPUs / memory")
+    def capacity(self, obj: Any) -> str:
+        return f"{obj.capacity_cpus:g} / {obj.capacity_memory_mb} MiB"
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        from django.db.models import Count
+
+        return super().get_queryset(request).annotate(environment_count=Count("environments"))  # one query
+
+    @admin.display(description="environments", ordering="environment_count")
+    def environments_here(self, obj: Any) -> int:
+        return obj.environment_count
+
+    @admin.action(description="Drain selected (no new environments)")
+    def drain(self, request: HttpRequest, queryset: Any) -> None:
+        from environments import nodes
+
+        for node in queryset:
+            nodes.do_set_node_state(node, NodeState.DRAINING)
+
+    @admin.action(description="Activate selected")
+    def activate(self, request: HttpRequest, queryset: Any) -> None:
+        from environments import nodes
+
+        for node in queryset:
+            nodes.do_set_node_state(node, NodeState.ACTIVE)

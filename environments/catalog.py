@@ -520,6 +520,7 @@ def template_fields(entry: dict[str, Any]) -> dict[str, Any]:
         "setup": entry.get("setup", []),
         "user_setup": entry.get("user_setup", []),
         "labels": entry.get("labels", {}),
+        "node_selector": {str(k): str(v) for k, v in entry.get("node_selector", {}).items()},
         "ports": [{"port": p["port"], "name": p.get("name", "")} for p in entry.get("ports", [])],
         "public": "teams" not in entry,
         "managed_by_catalog": True,

@@ -41,6 +41,12 @@ def _secret_key() -> str:
 SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("LSL_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("LSL_CSRF_TRUSTED_ORIGINS", [])
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (docker-compose.yml's nginx passes on the
+# value a proxy in front of it set, else its own scheme): request.is_secure() and request.scheme follow
+# the client's scheme, so the wss:// and preview URLs the API hands out and Django's CSRF checks match
+# what the browser used. Only behind such a proxy: a client reaching daphne directly could claim https.
+if env_bool("LSL_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # Request bodies (lsl_site/httpserver.py): a larger one gets a 413 before it is read. The file-transfer
 # upload is spooled to a temporary file and handed over a chunk at a time, so it may be larger (0: no limit).
