@@ -200,11 +200,24 @@ def test_database_url() -> str:
     """The URL of the database this test run uses (SQLite file or PostgreSQL test database), for subprocesses."""
     from django.db import connection
 
+    from urllib.parse import quote, urlencode
+
     settings_dict = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{settings_dict['NAME']}"
-    return (f"postgres://{settings_dict['USER']}:{settings_dict['PASSWORD']}@{settings_dict['HOST'] or 'localhost'}:"
-            f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}")
+    assert connection.vendor == "postgresql", f"the suite runs on SQLite or PostgreSQL, not {connection.vendor}"
+    # NAME is test_<name> by now (pytest-django created it): the subprocesses must use that
+    # database, never the one LSL_DATABASE_URL names. Quote what a password or a socket path may
+    # contain; a socket directory as host goes in the query, which dj_database_url understands.
+    host, port = settings_dict["HOST"] or "", settings_dict["PORT"] or ""
+    user = quote(settings_dict["USER"] or "", safe="")
+    password = quote(settings_dict["PASSWORD"] or "", safe="")
+    credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    query = {str(k): str(v) for k, v in (settings_dict.get("OPTIONS") or {}).items() if k in ("sslmode", "sslrootcert")}
+    if host.startswith("/"):
+        query["host"], host = host, ""
+    netloc = f"{credentials}{host}{f':{port}' if port else ''}"
+    return f"postgres://{netloc}/{quote(settings_dict['NAME'], safe='')}" + (f"?{urlencode(query)}" if query else "")
 
 
 def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
