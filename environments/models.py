@@ -64,11 +64,14 @@ class Node(models.Model):
 
     @property
     def capacity_cpus(self) -> float:
-        return self.cpus or float(self.engine.get("ncpu") or 0)
+        """What placement may reserve: `cpus` if set, else the engine's CPUs times LSL_NODE_CPU_OVERCOMMIT
+        (dev environments idle most of the time: reserving a whole core each would leave machines empty)."""
+        return self.cpus or float(self.engine.get("ncpu") or 0) * settings.LSL_NODE_CPU_OVERCOMMIT
 
     @property
     def capacity_memory_mb(self) -> int:
-        return self.memory_mb or int((self.engine.get("mem_total") or 0) // (1024 * 1024))
+        """`memory_mb` if set, else the engine's memory times LSL_NODE_MEMORY_OVERCOMMIT (1: none)."""
+        return self.memory_mb or int((self.engine.get("mem_total") or 0) // (1024 * 1024) * settings.LSL_NODE_MEMORY_OVERCOMMIT)
 
     @property
     def effective_labels(self) -> dict[str, str]:

@@ -264,6 +264,9 @@ LSL_ENGINE_RETRY_FOR = env_float("LSL_ENGINE_RETRY_FOR", 30.0, minimum=0)  # pro
 LSL_NODE_CHECK_INTERVAL = env_float("LSL_NODE_CHECK_INTERVAL", 2.0, minimum=0.2)
 LSL_NODE_CHECK_TIMEOUT = env_float("LSL_NODE_CHECK_TIMEOUT", 3.0, minimum=0.2)
 LSL_NODE_FAILURES = env_int("LSL_NODE_FAILURES", 2, minimum=1)
+# Placement's capacity of a node added without --cpus/--memory-mb: the engine's figures times these.
+LSL_NODE_CPU_OVERCOMMIT = env_float("LSL_NODE_CPU_OVERCOMMIT", 8.0, minimum=0.1)
+LSL_NODE_MEMORY_OVERCOMMIT = env_float("LSL_NODE_MEMORY_OVERCOMMIT", 1.0, minimum=0.1)
 LSL_STATS_INTERVAL = env_float("LSL_STATS_INTERVAL", 10.0, minimum=1)
 # Events (lsl_site/events.py): wake-ups (lsl_site/wake.py: a local socket, Redis pub/sub across
 # hosts) deliver them at once; polling this often is the fallback, slowed to LSL_EVENT_POLL_SLOW
