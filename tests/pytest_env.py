@@ -11,3 +11,6 @@ os.environ.setdefault("LSL_THROTTLE_USER", "100000/min")
 os.environ.setdefault("LSL_THROTTLE_ANON", "100000/min")
 os.environ.setdefault("LSL_THROTTLE_LOGIN", "100000/min")
 os.environ.setdefault("LSL_THROTTLE_AUTH_FAILURES", "100000/min")  # tests/test_throttling.py sets its own rates
+# The suite runs every environment it makes on this (2-core) machine's engine; placement capacity is
+# tested with explicit --cpus (tests/test_nodes.py), not by running out of it here.
+os.environ.setdefault("LSL_NODE_CPU_OVERCOMMIT", "64")
