@@ -28,7 +28,7 @@ from environments.permissions import role_for
 from lsl_site import dbpool, events
 from sessions import fanout, services
 from sessions import hub as hubs
-from sessions.hub import ensure_hub
+from sessions.hub import ShuttingDown, ensure_hub
 from sessions.models import AuditKind, ClientKind, TerminalSession
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,12 @@ class TerminalConsumer(AsyncWebsocketConsumer):
             return
         try:
             self.hub_channel = await ensure_hub(self.session_id)
+        except ShuttingDown:
+            # Reached a process on its way out (a proxy may hand a reconnect to it in its last
+            # moments): the same answer as its other participants got, so the client tries again.
+            await self._error("server_restarting", "the server is restarting; your shell keeps running: reconnect")
+            await self.close(code=CLOSE_RESTARTING)
+            return
         except LookupError as exc:
             ended = await dbpool.run(_session_ended, self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)
@@ -261,6 +267,8 @@ class TerminalConsumer(AsyncWebsocketConsumer):
         (taking the session over here if nobody serves it), join it and redraw from a snapshot."""
         try:
             channel = await self._resolve_hub()
+        except ShuttingDown:
+            return  # this process is closing its participants with 4012: they reconnect elsewhere
         except LookupError as exc:
             ended = await dbpool.run(_session_ended, self.session_id) or {"exit_code": None, "end_reason": str(exc)}
             await self._send_exit(ended["exit_code"], ended["end_reason"], close_code=4410)

@@ -575,11 +575,26 @@ HANDLERS: dict[str, Callable[[Hub, dict[str, Any]], Any]] = {
 }
 
 
+class ShuttingDown(Exception):
+    """This process is shutting down (SIGTERM): it takes no session on; the client reconnects elsewhere."""
+
+
+# Set by `release_all` (SIGTERM). From then on this process claims no session: the sessions it hands
+# back are announced (`session.detached`), and its own participants, still attached for a moment,
+# would otherwise follow them straight back here, claiming each for a process about to exit. The
+# claim would outlive the process: the session frozen until it went stale (HUB_STALE_AFTER), and
+# input sent to the dead owner meanwhile lost (seen in a rolling restart behind nginx).
+_shutting_down = False
+
+
 async def ensure_hub(session_id: str) -> str:
     """Return the channel of the session's hub, starting one in this process if nobody owns it.
 
-    Raises LookupError if the session is over (or its owner process died).
+    Raises LookupError if the session is over (or its owner process died), ShuttingDown if this
+    process is on its way out.
     """
+    if _shutting_down:
+        raise ShuttingDown()
     hub = HUBS.get(session_id)
     if hub is not None and not hub.finished.is_set():
         return hub.channel
@@ -619,9 +634,16 @@ async def ensure_hub(session_id: str) -> str:
         hub.recorder.close()
         await dbpool.run(services.mark_ended, session_id, reason, None)
         raise LookupError(reason) from exc
+    if _shutting_down:
+        # Claimed while `release_all` ran: hand it back too, or it would be frozen until it went stale.
+        await hub.release()
+        raise ShuttingDown()
     return channel
 
 
 async def release_all() -> None:
-    """On SIGTERM: hand every session this process owns back, shells untouched (see Hub.release)."""
+    """On SIGTERM: hand every session this process owns back, shells untouched (see Hub.release),
+    and take none on from now on (`_shutting_down`)."""
+    global _shutting_down
+    _shutting_down = True
     await asyncio.gather(*(hub.release() for hub in list(HUBS.values())), return_exceptions=True)
