@@ -297,6 +297,11 @@ class Environment(models.Model):
     def short_id(self) -> str:
         return self.id.hex[:12]
 
+    @property
+    def shown_status(self) -> str:
+        """What people see: `status`, or `node_unavailable` while its node does not answer (select_related("node"))."""
+        return "node_unavailable" if not self.node.available else self.status
+
 
 class EnvironmentUserObjectPermission(UserObjectPermissionBase):
     content_object = models.ForeignKey(Environment, on_delete=models.CASCADE)

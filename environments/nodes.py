@@ -93,7 +93,7 @@ def local_node() -> Node:
 
 def status_of(env: Environment) -> str:
     """What users see: the row's status, or `node_unavailable` while its node does not answer."""
-    return "node_unavailable" if not env.node.available else env.status
+    return env.shown_status
 
 
 # --- placement ---------------------------------------------------------------------------------
@@ -197,7 +197,11 @@ def place(*, cpus: float, memory_mb: int, selector: dict[str, str], pinned: Node
 # --- actions (admin and `manage.py lsl_node`) ------------------------------------------------------
 
 def _publish_node(node: Node) -> None:
-    events.publish("node.changed", {"node": node_payload(node)})  # no user ids: staff streams only
+    from django.contrib.auth import get_user_model
+
+    # For staff (admins watch nodes); users hear of it through their environments' own events.
+    staff = get_user_model().objects.filter(is_active=True).filter(Q(is_staff=True) | Q(is_superuser=True))
+    events.publish("node.changed", {"node": node_payload(node)}, user_ids=list(staff.values_list("pk", flat=True)))
 
 
 def node_payload(node: Node) -> dict[str, Any]:

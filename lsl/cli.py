@@ -538,7 +538,7 @@ def info(environment: str, as_json: bool) -> None:
               for m in env.get("mounts") or []]
     progress = env.get("progress") or {}
     details([
-        ("name", env["name"]), ("id", env["id"]), ("status", env.get("status")),
+        ("name", env["name"]), ("id", env["id"]), ("status", env.get("status")), ("node", env.get("node")),
         ("owner", env.get("owner")), ("team", env.get("team")), ("your role", env.get("role")),
         ("template", env.get("template")), ("image", env.get("image")),
         ("cpus", env.get("cpus")), ("memory", f"{env['memory_mb']}m" if env.get("memory_mb") else None),

@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 export NEEDRESTART_MODE=l   # never let needrestart restart services from apt
 
 RUN_PACKAGES=(docker.io gcc libc6-dev make curl ca-certificates iproute2)
-TEST_PACKAGES=(busybox-static redis-server docker-registry debootstrap chromium chromium-driver tmux fonts-liberation)
+TEST_PACKAGES=(busybox-static redis-server docker-registry debootstrap chromium chromium-driver tmux fonts-liberation nginx)
 
 case "$PROFILE" in
     run) PACKAGES=("${RUN_PACKAGES[@]}") ;;

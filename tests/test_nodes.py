@@ -141,6 +141,13 @@ def test_nodes_place_drain_survive_a_dead_engine_and_recover(engines: tuple[Priv
         bob.send_input("echo from-bob-$((7*7))\r")
         alice.wait_output(b"from-bob-49")
 
+        # A terminal on b too: its shell dies with the engine, and it says why.
+        session_b = stack.api("POST", f"environments/{on_b['id']}/sessions/", json={}).json()
+        on_b_term = TermClient(session_b["ws_url"], token=stack.token)
+        on_b_term.wait_event("snapshot")
+        on_b_term.send_input("echo on-b-$((5*5))\r")
+        on_b_term.wait_output(b"on-b-25")
+
         # --- node b's engine dies: only its environments are unavailable ----------------------------
         b.kill()
         started = time.monotonic()
@@ -159,6 +166,10 @@ def test_nodes_place_drain_survive_a_dead_engine_and_recover(engines: tuple[Priv
         alice.send_input("echo still-$((8*8))\r")
         bob.wait_output(b"still-64")
         assert create(stack, "while-b-is-down")["node"] == "c"
+        assert on_b_term.wait_event("exit", timeout=30)["reason"] == "node_unavailable"
+        on_b_term.close()
+        ended = stack.api("GET", f"sessions/{session_b['id']}/").json()
+        assert ended["end_reason"] == "node_unavailable" and not ended["live"], ended
         print(f"node b marked unavailable {marked_after:.1f}s after its dockerd was killed")
 
         # --- b comes back: it recovers by itself ------------------------------------------------------

@@ -97,7 +97,7 @@ export function describeProgress(progress) {
 // "error" (red), "failed" (stopped with an error or an abnormal reason: amber) or "" — mirrors failure() in
 // templatetags/lsl_live.py.
 export function failureOf(env) {
-  if (env.status === "error" || env.status === "missing") return "error";
+  if (env.status === "error" || env.status === "missing" || env.status === "node_unavailable") return "error";
   if (env.status === "stopped") {
     const reason = describeStopReason(env.stop_reason);
     if (env.last_error || (reason && reason.bad)) return "failed";

@@ -78,7 +78,7 @@ def progress_text(progress: dict[str, Any] | None) -> str:
 def failure(env: Any) -> str:
     """"error" (red), "failed" (a stop with an error or an abnormal reason: amber) or "" (nothing wrong).
     Mirrors failureOf() in frontend/src/render.js."""
-    if env.status in ("error", "missing"):
+    if env.status in ("error", "missing") or getattr(env, "shown_status", env.status) == "node_unavailable":
         return "error"
     if env.status == "stopped":
         reason = stop_reason(env.stop_reason)
