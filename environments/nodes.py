@@ -170,14 +170,17 @@ def loads(nodes: Iterable[Node] | None = None) -> list[Load]:
 
 def place(*, cpus: float, memory_mb: int, selector: dict[str, str], pinned: Node | None = None,
           pinned_because: str = "", needs_host: bool = False) -> Node:
-    """Choose the node for a new environment. Call inside the create transaction, after the quota
-    lock (_lock_quota_subjects): two creates at once then see each other's reservations.
+    """Choose the node for a new environment. Call inside the create transaction: the node rows are
+    locked until it commits, so two creates at once see each other's reservations.
 
     `pinned`: the environment must go to this node (its kept workspace or a team volume it mounts
     lives there); it must still be able to take it. `needs_host`: it mounts host paths, which exist
     only on nodes that share this server's machine."""
     if not Node.objects.exists():
         local_node()
+    # Lock the node rows (in pk order: no deadlock between two creates) so that creates by different
+    # users, which the quota lock does not serialise, see each other's reservations.
+    list(Node.objects.select_for_update().order_by("pk").values_list("pk", flat=True))
     candidates = loads([pinned] if pinned is not None else None)
     refused: dict[str, str] = {}
     if needs_host:
