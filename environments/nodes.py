@@ -275,6 +275,29 @@ def do_set_node_state(node: Node, state: str) -> Node:
     return node
 
 
+def do_forget_node_contents(node: Node) -> dict[str, int]:
+    """For a node that is gone for good (its machine lost): forget the records of what lived there, so
+    the node can be removed. Nothing on the engine is touched (it is unreachable); said explicitly by
+    the operator (`lsl_node remove --forget`), never done on a node that answers."""
+    if node.available:
+        raise NodeInUse(f"node {node.name!r} answers: delete its environments and volumes through LSL instead")
+    from environments import services
+
+    forgotten = {"environments": 0, "team volumes": 0, "kept workspaces": 0}
+    with transaction.atomic():
+        for env in Environment.objects.filter(node=node).select_related("owner", "template", "team", "node"):
+            payload = services.environment_payload(env)
+            env_id, owner_id = env.pk, env.owner_id
+            env.delete()
+            events.publish("environment.deleted", {"environment": payload, "reason": "node_forgotten"},
+                           environment_id=env_id, user_ids=[owner_id])
+            forgotten["environments"] += 1
+        forgotten["team volumes"] = TeamVolume.objects.filter(node=node).delete()[0]
+        forgotten["kept workspaces"] = KeptWorkspace.objects.filter(node=node).delete()[0]
+    log.warning("node %s: forgot %s", node.name, forgotten)
+    return forgotten
+
+
 def do_remove_node(node: Node) -> None:
     """Forget a node. Only an empty one: environments, team volumes and kept workspaces hold data there."""
     counts = Node.objects.filter(pk=node.pk).aggregate(

@@ -193,6 +193,18 @@ def test_nodes_place_drain_survive_a_dead_engine_and_recover(engines: tuple[Priv
         copy = create(stack, "from-snapshot", template="snap-from-c")
         assert copy["node"] == "b"
         assert exec_output(stack, copy["id"], ["cat", "/workspace/marker"]) == (0, b"kept\n")
+
+        # --- a node gone for good: its records are forgotten only when said, and only while it is down -
+        refused = lsl_node(stack, "remove", "c", "--forget")
+        assert refused.returncode != 0 and "answers" in refused.stderr, refused
+        c.kill()
+        wait_for(lambda: stack.api("GET", f"environments/{on_c['id']}/").json()["status"] == "node_unavailable",
+                 20, "node c's environments to read node_unavailable")
+        assert lsl_node(stack, "remove", "c").returncode != 0, "not empty"
+        forgot = lsl_node(stack, "remove", "c", "--forget")
+        assert forgot.returncode == 0 and "forgot 5 environments" in forgot.stdout, forgot
+        left = {e["node"] for e in stack.api("GET", "environments/").json()["results"]}
+        assert left == {"b"}, left
     finally:
         if other is not None:
             stop_daphne(other)

@@ -6,6 +6,7 @@
     lsl_node drain b        # no new environments there; those there keep running
     lsl_node activate b
     lsl_node remove b       # only when nothing lives there any more
+    lsl_node remove b --forget   # b is gone for good (and not answering): forget what lived there first
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ class Command(BaseCommand):
                          help="the engine runs on this server's machine (keeper sockets and host-path mounts reach it)")
         add.add_argument("--no-check", action="store_true", help="register it even if it does not answer now")
         sub.add_parser("list", help="nodes, their health and what they hold")
-        for action, text in (("drain", "place no new environments there"), ("activate", "place environments there again"),
-                             ("remove", "forget an empty node")):
+        for action, text in (("drain", "place no new environments there"), ("activate", "place environments there again")):
             sub.add_parser(action, help=text).add_argument("name")
+        remove = sub.add_parser("remove", help="forget an empty node")
+        remove.add_argument("name")
+        remove.add_argument("--forget", action="store_true",
+                            help="the node is gone for good: first forget the records of its environments, team "
+                                 "volumes and kept workspaces (their data went with the machine); only while it "
+                                 "does not answer")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
@@ -99,6 +105,10 @@ class Command(BaseCommand):
         nodes.do_set_node_state(self._node(name), NodeState.ACTIVE)
         self.stdout.write(f"node {name}: active")
 
-    def _remove(self, *, name: str, **_: Any) -> None:
-        nodes.do_remove_node(self._node(name))
+    def _remove(self, *, name: str, forget: bool, **_: Any) -> None:
+        node = self._node(name)
+        if forget:
+            forgotten = nodes.do_forget_node_contents(node)
+            self.stdout.write(f"node {name}: forgot " + ", ".join(f"{n} {what}" for what, n in forgotten.items()))
+        nodes.do_remove_node(node)
         self.stdout.write(f"node {name}: removed")
