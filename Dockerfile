@@ -68,7 +68,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY deploy/base/lsl-ensure deploy/base/lsl-fetch /usr/local/bin/
 # The sessions' screen model runs xterm.js headless in a node child process (one file, no node_modules).
 COPY --from=assets /out/ /usr/local/bin/
-RUN lsl-ensure python node && python3 -m venv /opt/lsl
+RUN lsl-ensure python node ssh && python3 -m venv /opt/lsl
 WORKDIR /app
 COPY requirements.txt ./
 ARG LSL_BUILD_CA=""

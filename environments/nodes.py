@@ -234,6 +234,10 @@ def validate_url(url: str, *, tls_cert: str = "", tls_key: str = "", tls_ca: str
         errors.setdefault("tls_cert", []).append(
             "a tcp:// engine without TLS client certificates is root on that host for anyone who can reach it; "
             "give --tls-ca, --tls-cert and --tls-key")
+    elif scheme == "tcp" and not tls_ca:
+        errors.setdefault("tls_ca", []).append(
+            "the CA that signed the engine's certificate is needed too: without it the engine's identity is not "
+            "checked, and whoever can pose as it gets every command and file sent to that node")
     return errors
 
 

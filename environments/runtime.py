@@ -11,7 +11,10 @@ import base64
 import io
 import json
 import logging
+import re
 import socket
+import ssl
+import subprocess
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -140,6 +143,58 @@ class EngineAddress:
         return kwargs
 
 
+def _keep_node_ca(api: Any) -> Any:
+    """Make a TLS node's CA the one that checks its engine, whatever the process environment says.
+
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE (set system-wide on many hosts, this project's CI
+    and Debian images with ca-certificates among them) replace a session's `verify` for every request,
+    so docker-py checked the engine's certificate against the public CAs and every tcp:// node failed
+    with CERTIFICATE_VERIFY_FAILED (docker/docker-py#2433, open). Proxy settings from the environment
+    still apply. Returns `api` (a docker.APIClient, i.e. a requests Session).
+    """
+    if isinstance(api.verify, str):  # a CA file: TLSConfig(ca_cert=..., verify=True)
+        merge = api.merge_environment_settings
+        ca = api.verify
+
+        def merge_keeping_ca(url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+            merged = merge(url, proxies, stream, verify, cert)
+            if verify is None or verify is True:  # not asked for per request: the node's CA, not the env's
+                merged["verify"] = ca
+            return merged
+
+        api.merge_environment_settings = merge_keeping_ca
+    return api
+
+
+def _patch_ssh_close() -> None:
+    """docker-py's SSHSocket.close() writes to and flushes the stdin of its `ssh` process, which raises
+    BrokenPipeError once that process has exited: every hijacked exec stream over ssh:// ends that way
+    (the remote `docker system dial-stdio` exits with the stream), and the error surfaced from the
+    response's close, after all the output had been read, failing the call (seen on every other
+    `exec_run` to an ssh node). A process that is gone needs no goodbye: close quietly, then make sure
+    it ends. (docker 7.2.0; idempotent.)"""
+    try:
+        from docker.transport import sshconn
+    except ImportError:  # no paramiko: no ssh:// engines at all (do_add_node says so)
+        return
+
+    original = sshconn.SSHSocket.close
+    if getattr(original, "_lsl_quiet", False):
+        return
+
+    def close(self: Any) -> None:
+        try:
+            original(self)
+        except (BrokenPipeError, ConnectionResetError, ValueError):  # ValueError: stdin already closed
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+
+    close._lsl_quiet = True  # type: ignore[attr-defined]
+    sshconn.SSHSocket.close = close
+
+
+_patch_ssh_close()
+
 _engines_lock = threading.Lock()
 _engines: dict[tuple[EngineAddress, str], "Engine"] = {}
 
@@ -168,6 +223,14 @@ def _translate(exc: Exception, what: str) -> EngineError:
         return ContainerNotFound(f"{what}: {getattr(exc, 'explanation', exc)}")
     if isinstance(exc, docker.errors.APIError):
         return EngineError(f"{what}: {exc.explanation or exc}")
+    if isinstance(exc, requests.exceptions.SSLError):
+        # The class name alone ("SSLError") does not say which side refused whom; OpenSSL's reason does.
+        text = str(exc)
+        # "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate", or, when the engine hangs up
+        # on a refused client certificate before its alert is read, "EOF occurred in violation of protocol".
+        reason = re.search(r"\[SSL: [A-Z0-9_]+\] ([^(')\]]+)", text) or re.search(r"Error\(\d+, '([^'(]+)", text)
+        return EngineUnavailableError(f"Docker engine is not reachable ({what}): TLS handshake failed: "
+                                      f"{reason.group(1).strip() if reason else exc.__class__.__name__}")
     if isinstance(exc, (requests.exceptions.ConnectionError, OSError)):
         return EngineUnavailableError(f"Docker engine is not reachable ({what}): {exc.__class__.__name__}")
     if isinstance(exc, docker.errors.DockerException):
@@ -305,6 +368,187 @@ def _unguessable_detach_keys(length: int = 24) -> str:
     return ",".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))
 
 
+def _plain_socket(hijacked: Any) -> socket.socket:
+    """A plain, bidirectional socket for a hijacked exec stream (exec_start(socket=True)), whatever the
+    transport: callers write to it, shut it down for writing (stdin EOF) and hand it to asyncio.
+
+    unix:// (and plain tcp): docker-py returns a read-only SocketIO over the connection's socket, which
+    is used as it is. tcp:// with TLS: an ssl.SSLSocket, which asyncio refuses, whose shutdown() drops
+    TLS, and which must not be read and written by two threads at once. ssh://: docker-py's SSHSocket,
+    a socket object in name only (the data goes through the pipes of an `ssh` process; its fileno is an
+    unconnected socket). For those two, the caller gets one end of a socketpair and two threads relay
+    between the other end and the transport until both directions have ended.
+    """
+    if not isinstance(hijacked, (ssl.SSLSocket, socket.socket)) and isinstance(getattr(hijacked, "_sock", None), socket.socket):
+        if not isinstance(hijacked._sock, ssl.SSLSocket):
+            return hijacked._sock  # SocketIO over a unix or plain TCP socket
+        hijacked = hijacked._sock
+    if isinstance(hijacked, ssl.SSLSocket):
+        transport: _Transport = _TlsTransport(hijacked)
+    elif hasattr(hijacked, "proc"):
+        transport = _SshTransport(hijacked)
+    else:
+        raise EngineError(f"unexpected exec stream {type(hijacked).__name__}")
+    ours, theirs = socket.socketpair()
+    _Relay(transport, theirs).start()
+    return ours
+
+
+class _Transport:
+    def recv(self) -> bytes: ...  # blocking; b"" at the end
+    def sendall(self, data: bytes) -> None: ...
+    def close_write(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _TlsTransport(_Transport):
+    """An SSLSocket used by two threads: every SSL call under one lock, waits for the socket outside it."""
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        import selectors
+
+        self.tls, self.lock = tls, threading.Lock()
+        tls.setblocking(False)
+        self.readable, self.writable = selectors.DefaultSelector(), selectors.DefaultSelector()
+        self.readable.register(tls, selectors.EVENT_READ)
+        self.writable.register(tls, selectors.EVENT_WRITE)
+        self.closed = False
+
+    def _wait(self, want: ssl.SSLError) -> None:
+        (self.writable if isinstance(want, ssl.SSLWantWriteError) else self.readable).select(0.5)
+
+    def recv(self) -> bytes:
+        while not self.closed:
+            try:
+                with self.lock:
+                    return self.tls.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+                self._wait(want)
+            except ssl.SSLZeroReturnError:
+                return b""
+        return b""
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.closed:
+            try:
+                with self.lock:
+                    sent = self.tls.send(view)
+                view = view[sent:]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+                self._wait(want)
+
+    def close_write(self) -> None:
+        # TLS's half-close is a close_notify alert (Go's tls.Conn.CloseWrite, which the engine reads as
+        # EOF on stdin). SSLSocket.shutdown() would drop TLS and unwrap() waits for the peer's alert, so
+        # OpenSSL's SSL_shutdown is reached through the SSL object: its first step sends the alert, the
+        # second finds no alert from the engine yet (non-blocking: SSLWantReadError) and reading goes on.
+        with self.lock:
+            try:
+                self.tls._sslobj.shutdown()  # type: ignore[attr-defined]
+            except (ssl.SSLError, OSError, AttributeError):
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        with self.lock:  # never while the other thread is inside an SSL call on it
+            try:
+                self.tls.close()
+            except OSError:
+                pass
+
+
+class _SshTransport(_Transport):
+    """docker-py's SSHSocket: the pipes of its `ssh ... docker system dial-stdio` process."""
+
+    def __init__(self, ssh: Any) -> None:
+        self.ssh, self.proc = ssh, ssh.proc
+
+    def recv(self) -> bytes:
+        try:
+            return self.proc.stdout.read1(65536)  # what has arrived (the HTTP response's leftovers first)
+        except (OSError, ValueError):
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def close_write(self) -> None:
+        try:
+            self.proc.stdin.close()  # ssh sends EOF on the channel; dial-stdio half-closes towards the engine
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        # ssh first: closing stdout waits for a read1() in progress, which ends when ssh does.
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        try:
+            self.proc.stdout.close()
+        except OSError:
+            pass
+
+
+class _Relay:
+    """Copies between a transport and one end of a socketpair, both ways, half-closes included.
+
+    Ends when the engine's side has ended and ours has been closed (not just shut down for writing):
+    then the transport is closed. A caller closing its end early (a terminal detached) ends it too.
+    """
+
+    def __init__(self, transport: _Transport, end: socket.socket) -> None:
+        self.transport, self.end = transport, end
+        self.down_done = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._down, daemon=True, name="lsl-exec-relay-down").start()
+        threading.Thread(target=self._up, daemon=True, name="lsl-exec-relay-up").start()
+
+    def _down(self) -> None:
+        try:
+            while data := self.transport.recv():
+                self.end.sendall(data)
+        except (OSError, ValueError):
+            pass  # the transport failed (the caller reads EOF), or our side is gone
+        finally:
+            try:
+                self.end.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.down_done.set()
+
+    def _up(self) -> None:
+        import select
+
+        try:
+            while data := self.end.recv(65536):
+                self.transport.sendall(data)
+            self.transport.close_write()
+            # Shut down for writing (stdin EOF): the engine's output still comes. Wait until the caller
+            # closes its end (POLLHUP) or the output has ended, whichever is first.
+            poller = select.poll()
+            poller.register(self.end, select.POLLHUP)
+            while not self.down_done.is_set():
+                if any(event & select.POLLHUP for _fd, event in poller.poll(500)):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.transport.close()  # unblocks _down if the engine's side is still open
+            self.down_done.wait(10)
+            self.end.close()
+
+
 def _read_frames(sock: socket.socket, on_frame: Callable[[int, bytes], None]) -> None:
     """Demultiplex a non-TTY exec stream (8-byte headers: stream, 0, 0, 0, size) until EOF."""
     buffer = bytearray()
@@ -400,6 +644,7 @@ class Engine:
             if self._client is None:
                 try:
                     self._client = docker.DockerClient(**self.address.client_kwargs(settings.LSL_DOCKER_TIMEOUT))
+                    _keep_node_ca(self._client.api)
                 except docker.errors.DockerException as exc:
                     raise EngineUnavailableError(f"Docker engine {self.address.display} is not reachable: {exc}") from exc
             return self._client
@@ -684,7 +929,7 @@ class Engine:
         as nothing happens.
         """
         with _guard("following engine events"):
-            client = docker.APIClient(**self.address.client_kwargs(None))
+            client = _keep_node_ca(docker.APIClient(**self.address.client_kwargs(None)))
             stream = client.events(decode=True, filters={"type": "container",
                                                         "label": [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={settings.LSL_INSTANCE}"]})
         return _follow(client, stream)
@@ -798,7 +1043,7 @@ class Engine:
             exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=True,
                                       user=user, workdir=workdir, environment=env, detach_keys=_unguessable_detach_keys())["Id"]
             socket_io = api.exec_start(exec_id, tty=True, socket=True)
-            sock = socket_io._sock  # the SocketIO wrapper is read-only; writes need the socket
+            sock = _plain_socket(socket_io)
             try:
                 api.exec_resize(exec_id, height=rows, width=cols)
             except docker.errors.APIError:
@@ -817,7 +1062,7 @@ class Engine:
             exec_id = api.exec_create(container_id, cmd, stdin=True, stdout=True, stderr=True, tty=False, user=user,
                                       workdir=workdir, environment=environment)["Id"]
             socket_io = api.exec_start(exec_id, socket=True)
-            sock: socket.socket = socket_io._sock
+            sock: socket.socket = _plain_socket(socket_io)
             output = bytearray()
 
             def keep(_stream: int, data: bytes) -> None:

@@ -31,6 +31,25 @@ Crash semantics (Docker 20.10, live-restore off), observed on this machine:
 
 Every wait is bounded and fails with the tail of the engine's log. Needs root.
 
+Remote transports (opt-in, `private_engine(name, tcp_tls=True)`): the engine is then also reachable
+over the network, as a node on another machine would be, but only from this machine:
+
+    what                 private engine <name> with tcp_tls=True        why
+    veth pair            lslv-<crc32 of name> (host) <-> eth1 (netns)   a link of our own: no host NIC, no bridge
+    addresses            10.213.<i>.1/30 host side, .2 engine side      a /30 nobody else uses (first free <i>)
+    TCP API              tcp://10.213.<i>.2:2376, --tlsverify           docker's TLS client-certificate mode
+    certificates         /var/lib/lsl-engines/<name>/tls/               a CA, a server cert (SAN = engine IP) and
+                                                                        a client cert of its own (openssl)
+    sshd (start_sshd())  10.213.<i>.2:22, in the engine's netns         `ssh://root@10.213.<i>.2`: DOCKER_HOST of
+                                                                        its sessions is the engine's socket
+    ssh client side      /var/lib/lsl-engines/<name>/ssh/               a key, known_hosts, an ssh_config and a
+                                                                        `bin/ssh` wrapper that uses them
+
+The ssh wrapper exists because OpenSSH finds ~/.ssh through the password database, not $HOME: a
+test cannot point the system `ssh` at its own keys but with `-F`. Putting `ssh.bin_dir` first on PATH
+(of LSL's processes) is what a deployment's ~/.ssh/config of the LSL user does. All of it goes with
+the netns in stop() (the veth is deleted explicitly too, so a reap finds nothing left either).
+
 Usage:
     engine = private_engine("faults")
     engine.start(); engine.load_image("lsl-test/busybox:latest")
@@ -56,7 +75,9 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,6 +95,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
 _MNT_DETACH = 2
 _LOG_TAIL_LINES = 40
+# Remote transports: private /30s carved from 10.213.0.0/16, one per engine with tcp_tls.
+SUBNET_PREFIX = "10.213"
+TLS_PORT = 2376
+SSH_PORT = 22
+VETH_PREFIX = "lslv-"
+ENGINE_IFACE = "eth1"  # inside the engine's netns (its docker0 and lo are the only other links there)
 
 
 class EngineError(RuntimeError):
@@ -187,10 +214,11 @@ def _cgroup_pids(parent: str) -> set[int]:
 class PrivateEngine:
     """A dockerd of its own (netns, data root, exec root, containerd, socket) that may be crashed."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tcp_tls: bool = False) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"engine name must match {_NAME_RE.pattern}: {name!r}")
         self.name = name
+        self.tcp_tls = tcp_tls
         self.netns = f"{NETNS_PREFIX}{name}"
         self.netns_path = Path("/run/netns") / self.netns
         self.run_dir = Path(f"{RUN_PREFIX}{name}")
@@ -204,9 +232,20 @@ class PrivateEngine:
         self.config_file = self.state_dir / "daemon.json"
         self.log_path = LOG_DIR / f"{name}.log"
         self.cgroup_parent = f"lsl-engine-{name}"
+        # Remote transports (tcp_tls=True): the veth name follows from the engine name alone, so a reap
+        # (which knows only the name) can delete it; the /30 is chosen at start() (first free one).
+        self.veth = f"{VETH_PREFIX}{zlib.crc32(name.encode()):08x}"
+        self.tls_dir = self.state_dir / "tls"
+        self.ssh_dir = self.state_dir / "ssh"
+        self.host_ip: str | None = None
+        self.engine_ip: str | None = None
+        self.tls: ClientCert | None = None  # the client certificate the engine accepts
+        self.ssh: SshAccess | None = None
         # Seconds the last start/kill/restart/stop took (tests report them; see test_private_engine).
         self.timings: dict[str, float] = {}
         self._proc: subprocess.Popen[bytes] | None = None
+        self._sshd: subprocess.Popen[bytes] | None = None
+        self._server_cert: ClientCert | None = None
         self._log_offset = 0
 
     def __repr__(self) -> str:
@@ -233,6 +272,38 @@ class PrivateEngine:
             return pid
         return None
 
+    @property
+    def tcp_url(self) -> str:
+        """`tcp://<engine ip>:2376` (TLS, client certificate required: `self.tls`); tcp_tls engines only."""
+        if self.engine_ip is None:
+            raise EngineError(f"{self}: no TCP listener (private_engine(name, tcp_tls=True), then start())")
+        return f"tcp://{self.engine_ip}:{TLS_PORT}"
+
+    def tls_docker_args(self, cert: ClientCert | None = None) -> list[str]:
+        """docker CLI options that reach the TCP listener with `cert` (default: the accepted one)."""
+        cert = cert or self.tls
+        assert cert is not None, "tcp_tls engines only"
+        return ["-H", self.tcp_url, "--tlsverify", "--tlscacert", str(cert.ca), "--tlscert", str(cert.cert),
+                "--tlskey", str(cert.key)]
+
+    def start_sshd(self, timeout: float = 30) -> SshAccess:
+        """Run an sshd in the engine's netns on <engine ip>:22 whose sessions talk to this engine.
+
+        `ssh://root@<engine ip>` then works as docker's ssh transport expects of a remote host:
+        `ssh host docker system dial-stdio` reaches this engine (the sshd sets DOCKER_HOST for its
+        sessions). Key auth only, with a key made here; the client side (key, known_hosts, ssh_config,
+        `ssh` wrapper) is in the returned SshAccess. Stopped with the engine (it lives in its netns).
+        """
+        if self.engine_ip is None:
+            raise EngineError(f"{self}: start_sshd() needs a tcp_tls engine (the sshd listens on its veth)")
+        if self.ssh is not None:
+            return self.ssh
+        missing = [tool for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen") if shutil.which(tool) is None]
+        if missing:
+            raise EngineError(f"missing {missing}: apt-get install openssh-server openssh-client")
+        self.ssh = _start_sshd(self, timeout)
+        return self.ssh
+
     def start(self, timeout: float = 60) -> None:
         """Start a fresh engine (empty data root) and wait until `docker -H url info` works."""
         t0 = time.monotonic()
@@ -257,6 +328,8 @@ class PrivateEngine:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        if self.tcp_tls:
+            self._setup_tcp_tls()
         self._launch("start", timeout)
         self.timings["start"] = time.monotonic() - t0
 
@@ -375,6 +448,8 @@ class PrivateEngine:
         found += [f"mount {m}" for m in _mounts_under([self.run_dir, self.state_dir])]
         found += [f"cgroup {d}" for d in _cgroup_dirs(self.cgroup_parent)]
         found += [f"path {p}" for p in (self.netns_path, self.run_dir, self.state_dir) if p.exists()]
+        if Path(f"/sys/class/net/{self.veth}").exists():
+            found.append(f"link {self.veth}")
         return found
 
     # -- internals ---------------------------------------------------------------------------------
@@ -391,6 +466,7 @@ class PrivateEngine:
                  "--exec-root", str(self.exec_root),
                  "--pidfile", str(self.pidfile),
                  "-H", self.url,
+                 *self._tcp_listen_args(),
                  "--cgroup-parent", self.cgroup_parent],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C aimed at pytest must not reach dockerd (the finalizer stops it).
@@ -409,6 +485,29 @@ class PrivateEngine:
         if _read_pid(self.pidfile) != proc.pid:
             raise EngineError(f"{self.pidfile} says {_read_pid(self.pidfile)}, dockerd is {proc.pid}")
         self.docker("info", "--format", "{{.ID}}", timeout=max(5.0, deadline - time.monotonic()))
+
+    def _setup_tcp_tls(self) -> None:
+        """The veth pair, its /30 and the certificates (after the netns exists, before dockerd starts)."""
+        index = _free_subnet_index(self.name)
+        self.host_ip, self.engine_ip = f"{SUBNET_PREFIX}.{index}.1", f"{SUBNET_PREFIX}.{index}.2"
+        # Created with its peer already in the engine's netns: no moment with both ends on the host.
+        _run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", ENGINE_IFACE, "netns", self.netns])
+        _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth])
+        _run(["ip", "link", "set", self.veth, "up"])
+        _run(["ip", "-n", self.netns, "addr", "add", f"{self.engine_ip}/30", "dev", ENGINE_IFACE])
+        _run(["ip", "-n", self.netns, "link", "set", ENGINE_IFACE, "up"])
+        self.tls_dir.mkdir(parents=True)
+        ca = make_ca(self.tls_dir, f"lsl test CA for engine {self.name}")
+        self._server_cert = issue_cert(ca, self.tls_dir, "server", self.engine_ip, server_ip=self.engine_ip)
+        self.tls = issue_cert(ca, self.tls_dir, "client", "lsl")
+
+    def _tcp_listen_args(self) -> list[str]:
+        if not self.tcp_tls:
+            return []
+        server = self._server_cert
+        assert self.engine_ip is not None and server is not None
+        return ["-H", f"tcp://{self.engine_ip}:{TLS_PORT}", "--tlsverify", "--tlscacert", str(server.ca),
+                "--tlscert", str(server.cert), "--tlskey", str(server.key)]
 
     def _ping(self) -> bool:
         """GET /_ping on the socket: cheaper than a docker CLI run per poll."""
@@ -466,6 +565,9 @@ class PrivateEngine:
         if self._proc is not None:
             self._proc.poll()  # reap our dockerd child if it was killed just now
             self._proc = None
+        if self._sshd is not None:
+            self._sshd.poll()
+            self._sshd = None
         # A SIGKILLed shim leaves its socket in /run/containerd/s (shared by every containerd on the
         # host, names hashed from containerd address + namespace + id); each task dir says which is its.
         for address in self.exec_root.glob("containerd/daemon/io.containerd.runtime.v2.task/*/*/address"):
@@ -488,6 +590,11 @@ class PrivateEngine:
                 _wait_for(functools.partial(_try_rmdir, dirpath), 5, interval=0.1)
         if self.netns_path.exists():
             _run(["ip", "netns", "del", self.netns], check=False)
+        # Deleting the netns destroys the veth pair once the namespace is gone; not waiting for that.
+        if Path(f"/sys/class/net/{self.veth}").exists():
+            _run(["ip", "link", "del", self.veth], check=False)
+        self.host_ip = self.engine_ip = None
+        self.tls = self.ssh = None
         left = _mounts_under(roots)
         if left:  # never rm -rf through a mount
             raise EngineError(f"private engine {self.name!r}: still mounted: {left}")
@@ -521,9 +628,176 @@ class PrivateEngine:
         return f"\n--- last lines of {self.log_path} ---\n" + "\n".join(lines)
 
 
-def private_engine(name: str) -> PrivateEngine:
-    """A private engine named `name` (not started: call start())."""
-    return PrivateEngine(name)
+def private_engine(name: str, tcp_tls: bool = False) -> PrivateEngine:
+    """A private engine named `name` (not started: call start()). `tcp_tls`: also on TCP with TLS."""
+    return PrivateEngine(name, tcp_tls=tcp_tls)
+
+
+# --- remote transports: addresses, certificates, sshd ------------------------------------------------
+
+
+def _free_subnet_index(name: str) -> int:
+    """A 10.213.<i>.0/30 no interface of the host uses, starting from one derived from the name (so
+    engines started at once by parallel test runs rarely even try the same one)."""
+    used = set(re.findall(rf"inet {re.escape(SUBNET_PREFIX)}\.(\d+)\.", _run(["ip", "-4", "-o", "addr", "show"]).stdout))
+    start = zlib.crc32(name.encode()) % 256
+    for step in range(256):
+        index = (start + step) % 256
+        if str(index) not in used:
+            return index
+    raise EngineError(f"every {SUBNET_PREFIX}.<i>.0/30 is in use on this host")
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """PEM files for one side of a TLS connection: the CA it trusts, its certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class _Ca:
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str) -> None:
+    if shutil.which("openssl") is None:
+        raise EngineError("missing openssl: apt-get install openssl")
+    _run(["openssl", *args])
+
+
+def make_ca(directory: Path, common_name: str) -> _Ca:
+    """A fresh self-signed CA (EC P-256, 2 days) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "ca.pem", directory / "ca-key.pem"
+    _openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={common_name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return _Ca(cert, key)
+
+
+def issue_cert(ca: _Ca, directory: Path, stem: str, common_name: str, *, server_ip: str | None = None) -> ClientCert:
+    """A certificate signed by `ca`: for a server at `server_ip` (its SAN), else for a client."""
+    cert, key, csr, ext = (directory / f"{stem}.pem", directory / f"{stem}-key.pem", directory / f"{stem}.csr",
+                           directory / f"{stem}.ext")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}")
+    ext.write_text(f"subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n" if server_ip
+                   else "extendedKeyUsage=clientAuth\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
+             "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    csr.unlink()
+    key.chmod(0o600)
+    return ClientCert(ca=ca.cert, cert=cert, key=key)
+
+
+def foreign_client_cert(directory: Path) -> ClientCert:
+    """A client certificate from a CA of its own, with that CA: what an engine must refuse."""
+    ca = make_ca(directory, "lsl test CA nobody trusts")
+    return issue_cert(ca, directory, "client", "lsl")
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How to reach a private engine over ssh, as docker's ssh transport does.
+
+    `url` for LSL (`ssh://root@<ip>`); `bin_dir` holds an `ssh` that runs the system's with
+    `config` (key, known_hosts, no agent, no prompt): put it first on PATH of whatever connects.
+    """
+
+    url: str
+    bin_dir: Path
+    config: Path
+    key: Path
+    known_hosts: Path
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+
+
+def _start_sshd(engine: PrivateEngine, timeout: float) -> SshAccess:
+    directory = engine.ssh_dir
+    directory.mkdir(mode=0o700, parents=True)
+    host_key, client_key = directory / "host_ed25519", directory / "client_ed25519"
+    for key in (host_key, client_key):
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lsl engine {engine.name}", "-f", str(key)])
+    authorized = directory / "authorized_keys"
+    authorized.write_text(Path(f"{client_key}.pub").read_text())
+    known_hosts = directory / "known_hosts"
+    key_type, key_blob = Path(f"{host_key}.pub").read_text().split()[:2]
+    known_hosts.write_text(f"{engine.engine_ip} {key_type} {key_blob}\n")
+    sshd_config = directory / "sshd_config"
+    sshd_config.write_text("\n".join([
+        f"ListenAddress {engine.engine_ip}:{SSH_PORT}",
+        f"HostKey {host_key}",
+        f"PidFile {directory / 'sshd.pid'}",
+        f"AuthorizedKeysFile {authorized}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        # What makes `ssh host docker system dial-stdio` reach this engine and not the main one.
+        f"SetEnv DOCKER_HOST={engine.url}",
+        # docker's ssh transport opens one ssh connection per HTTP connection, several at once.
+        "MaxStartups 100:30:200",
+        "MaxSessions 100",
+        "LogLevel VERBOSE",
+        "",
+    ]))
+    client_config = directory / "ssh_config"
+    client_config.write_text("\n".join([
+        f"Host {engine.engine_ip}",
+        "  User root",
+        f"  IdentityFile {client_key}",
+        "  IdentitiesOnly yes",
+        "  IdentityAgent none",
+        f"  UserKnownHostsFile {known_hosts}",
+        "  GlobalKnownHostsFile /dev/null",
+        "  StrictHostKeyChecking yes",
+        "  BatchMode yes",
+        "  ConnectTimeout 10",
+        "  ServerAliveInterval 5",
+        "  ServerAliveCountMax 3",
+        "  ControlMaster no",
+        "  LogLevel ERROR",
+        "",
+    ]))
+    bin_dir = directory / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "ssh"
+    wrapper.write_text(f"#!/bin/sh\nexec /usr/bin/ssh -F {client_config} \"$@\"\n")
+    wrapper.chmod(0o755)
+    # sshd's privilege-separation directory (Debian's packaging makes it at boot; harmless to make).
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    check = _run(["/usr/sbin/sshd", "-t", "-f", str(sshd_config)], check=False)
+    if check.returncode != 0:
+        raise EngineError(f"sshd -t -f {sshd_config}: {check.stderr.strip()}")
+    with engine.log_path.open("ab") as log:
+        log.write(f"===== lsl private engine {engine.name}: sshd at {time.strftime('%F %T')} =====\n".encode())
+        # -D -e: in the foreground, logging to the engine's log. In the engine's netns, so the
+        # teardown (which kills every process there) ends it and its sessions.
+        sshd = subprocess.Popen(["nsenter", f"--net={engine.netns_path}", "/usr/sbin/sshd", "-D", "-e",
+                                 "-f", str(sshd_config)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    access = SshAccess(url=f"ssh://root@{engine.engine_ip}", bin_dir=bin_dir, config=client_config, key=client_key,
+                       known_hosts=known_hosts)
+    probe = ["ssh", "-F", str(client_config), str(engine.engine_ip), "docker", "version", "--format",
+             "{{.Server.Version}}"]
+
+    def answers() -> bool:
+        if sshd.poll() is not None:
+            raise EngineError(f"sshd for engine {engine.name!r} exited ({sshd.returncode}){engine._log_tail()}")
+        return _run(probe, check=False, timeout=15).returncode == 0
+
+    if not _wait_for(answers, timeout, interval=0.2):
+        raise EngineError(f"sshd for engine {engine.name!r}: `{' '.join(probe)}` did not work within {timeout:.0f}s: "
+                          f"{_run(probe, check=False, timeout=15).stderr.strip()}")
+    engine._sshd = sshd  # reaped in _teardown (killed there with everything in the netns)
+    return access
 
 
 # --- helpers --------------------------------------------------------------------------------------
