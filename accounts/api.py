@@ -20,7 +20,7 @@ from rest_framework.validators import UniqueValidator
 
 from accounts import services
 from accounts.models import APIToken, Membership, Team, TeamRole
-from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField, StrictUUIDField
+from lsl_site.fields import SLUG_LOOKUP_REGEX, StrictCharField, StrictSlugField, StrictSlugRelatedField, StrictUUIDField
 from lsl_site.schema import errors
 
 User = get_user_model()
@@ -94,6 +94,7 @@ class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
 
     serializer_class = TeamSerializer
     lookup_field = "slug"
+    lookup_value_regex = SLUG_LOOKUP_REGEX
 
     def get_queryset(self) -> QuerySet[Team]:
         qs = Team.objects.prefetch_related("memberships__user")

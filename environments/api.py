@@ -27,7 +27,7 @@ from rest_framework.views import APIView
 from environments import catalog, metrics, nodes, services
 from environments.files import as_async
 from lsl_site.errors import Conflict, InvalidInput
-from lsl_site.fields import StrictCharField
+from lsl_site.fields import SLUG_LOOKUP_REGEX, StrictCharField, names_nothing
 from lsl_site.schema import errors, flag_parameter, query_flag
 from environments.models import Environment, KeptWorkspace, Role, Status, Template, usable_templates
 from environments.permissions import make_checker, require_role, role_for
@@ -42,6 +42,7 @@ from environments.serializers import (
 class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = TemplateSerializer
     lookup_field = "slug"
+    lookup_value_regex = SLUG_LOOKUP_REGEX
 
     def get_queryset(self) -> QuerySet[Template]:
         return usable_templates(self.request.user).prefetch_related("teams")
@@ -68,6 +69,8 @@ class UsableTemplateField(serializers.SlugRelatedField):
     def to_internal_value(self, data: Any) -> Template:
         if not isinstance(data, str):  # the schema says a slug string; `3` is not template "3"
             self.fail("invalid")
+        if names_nothing(data):
+            self.fail("does_not_exist", slug_name=self.slug_field, value=smart_str(data))
         try:
             template = Template.objects.filter(slug=data).first()
         except (TypeError, ValueError):

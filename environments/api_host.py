@@ -29,7 +29,7 @@ from environments import envfile, files, policy, services
 from environments.models import Environment, Role, SetupStatus, Status, TeamVolume
 from environments.permissions import require_role, role_for
 from environments.serializers import EnvironmentSerializer, TemplateSerializer
-from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField
+from lsl_site.fields import StrictCharField, StrictSlugField, StrictSlugRelatedField, names_nothing
 from lsl_site.schema import NO_NUL, SLUG, flag_parameter, query_flag
 
 
@@ -279,7 +279,8 @@ class TeamVolumeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins
         if not user.is_superuser:
             qs = qs.filter(team__memberships__user=user)
         if self.request.query_params.get("team"):
-            qs = qs.filter(team__slug=self.request.query_params["team"])
+            team = self.request.query_params["team"]
+            qs = qs.none() if names_nothing(team) else qs.filter(team__slug=team)
         return qs
 
     def get_serializer(self, *args: Any, **kwargs: Any) -> Any:

@@ -31,6 +31,7 @@ from environments import metrics, runtime, services
 from environments.models import Environment, Role, Status
 from lsl_site import events
 from lsl_site.errors import DomainError, InvalidInput
+from lsl_site.fields import names_nothing
 from environments.permissions import make_checker, role_for
 from frontend.forms import (EnvironmentCreateForm, MemberForm, ShareForm, TeamCreateForm, ThrottledAuthenticationForm,
                             TokenCreateForm)
@@ -398,6 +399,8 @@ def team_add_member(request: HttpRequest, slug: str) -> HttpResponse:
 @require_POST
 def team_remove_member(request: HttpRequest, slug: str, username: str) -> HttpResponse:
     team = _team_for_manager(request, slug)
+    if names_nothing(username):
+        raise Http404("No such member.")
     membership = get_object_or_404(Membership.objects.select_related("user"), team=team, user__username=username)
     try:
         account_services.remove_member(team, membership.user)

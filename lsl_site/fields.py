@@ -12,6 +12,17 @@ from typing import Any
 
 from rest_framework import serializers
 
+# A path segment naming an object by slug: the router's default minus NUL (see names_nothing).
+SLUG_LOOKUP_REGEX = "[^/.\x00]+"
+
+
+def names_nothing(value: str) -> bool:
+    """True for a string no stored name can equal: one with a NUL byte. Nothing LSL stores has one
+    (its CharFields refuse them), and PostgreSQL refuses a NUL in any text parameter (psycopg raises
+    DataError: a 500) where SQLite just finds no row. Lookups from user input check this first, so
+    both databases answer "no such thing"."""
+    return "\x00" in value
+
 
 class StrictCharField(serializers.CharField):
     def to_internal_value(self, data: Any) -> str:
@@ -50,4 +61,6 @@ class StrictSlugRelatedField(serializers.SlugRelatedField):
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, str):
             self.fail("invalid")
+        if names_nothing(data):
+            self.fail("does_not_exist", slug_name=self.slug_field, value=data)
         return super().to_internal_value(data)

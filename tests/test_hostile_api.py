@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
+from django.test import Client
 from django.test.utils import override_settings
 
 from accounts.models import Team
@@ -150,6 +151,26 @@ def test_nul_byte_elsewhere_in_a_create_is_a_400(people: Any) -> None:
                     {"name": "ok", "template": "busybox", "network_mode": "bridge\x00"}):
         error_of(client.post("/api/v1/environments/", payload, format="json"))
     assert Environment.objects.count() == 0
+
+
+def test_nul_byte_in_a_lookup_names_nothing(people: Any) -> None:
+    """A NUL where a slug or name is looked up finds nothing, as it does on SQLite. PostgreSQL refuses
+    a NUL in any text parameter, so such a lookup reaching the database was a 500 there."""
+    client = api_client(people.owner)
+    team = people.team.slug
+    for path in (f"/api/v1/teams/{team}%00/", "/api/v1/teams/%00/", "/api/v1/templates/busybox%00/", "/api/v1/templates/%00/"):
+        assert client.get(path).status_code == 404, path
+    assert client.post(f"/api/v1/teams/{team}%00/members/", {"username": "meg"}, format="json").status_code == 404
+    assert client.delete(f"/api/v1/teams/{team}/members/bob%00/").status_code == 404
+    listing = client.get("/api/v1/volumes/", {"team": f"{team}\x00"})
+    assert listing.status_code == 200 and listing.json()["results"] == [], listing.content
+    error = error_of(client.post("/api/v1/volumes/", {"name": "cache", "team": f"{team}\x00"}, format="json"))
+    assert set(error["fields"]) == {"team"}, error
+    # The web page removing a member.
+    page = Client()
+    page.force_login(people.owner)
+    assert page.post(f"/teams/{team}/members/bob%00/remove/").status_code == 404
+    assert Team.objects.get(pk=people.team.pk).memberships.filter(user=people.teammate).exists()
 
 
 # --- 4. team names with no letter or digit ---------------------------------------------------------------
