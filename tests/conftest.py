@@ -25,6 +25,82 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_IMAGES = ["lsl-test/busybox:latest", "lsl-test/debian:bookworm"]
 
 
+# --- PostgreSQL: a flush that yields to the server processes --------------------------------
+
+# SQLSTATEs of "could not get the lock in time" and "deadlock detected".
+_LOCK_NOT_AVAILABLE, _DEADLOCK = "55P03", "40P01"
+FLUSH_LOCK_TIMEOUT_MS = 200  # below PostgreSQL's deadlock_timeout (1 s): the flush always gives way first
+FLUSH_DEADLINE = 60.0
+
+
+def _sqlstate(exc: BaseException | None) -> str | None:
+    while exc is not None:  # flush's CommandError <- Django's OperationalError <- psycopg's error
+        state = getattr(exc, "sqlstate", None)
+        if state:
+            return str(state)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _polite_flush(original: Any) -> Any:
+    """A transactional test ends with `flush`: on PostgreSQL one TRUNCATE of every table, which takes
+    ACCESS EXCLUSIVE locks table after table. The session's daphne and worker keep running meanwhile
+    and may be inside a transaction that holds one of those tables and wants another (an event row
+    written with the environment it describes): a deadlock, and PostgreSQL kills one side: the
+    flush (the next test then finds the last one's rows: duplicate "alice") or the server's write.
+    SQLite cannot deadlock here (one database-wide write lock: the flush waits its turn).
+
+    So on PostgreSQL the flush runs with a lock_timeout below deadlock_timeout: when it cannot get a
+    lock at once it gives up and releases everything (the server's transaction completes) and tries
+    again, for up to FLUSH_DEADLINE seconds; then it fails naming what held the locks."""
+
+    def teardown(self: Any) -> None:
+        from django.db import connections
+
+        deadline = time.monotonic() + FLUSH_DEADLINE
+        attempt = 0
+        while True:
+            postgres = [connections[name] for name in self._databases_names(include_mirrors=False)
+                        if connections[name].vendor == "postgresql"]
+            for conn in postgres:
+                with conn.cursor() as cursor:
+                    cursor.execute(f"SET lock_timeout = {FLUSH_LOCK_TIMEOUT_MS}")
+            try:
+                original(self)
+                return
+            except Exception as exc:
+                if not postgres or _sqlstate(exc) not in (_LOCK_NOT_AVAILABLE, _DEADLOCK):
+                    raise
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"could not flush the test database within {FLUSH_DEADLINE:.0f}s; "
+                                         f"sessions holding locks: {_lock_holders(postgres[0])}") from exc
+                attempt += 1
+                time.sleep(min(0.02 * attempt, 0.5))
+            finally:
+                for conn in postgres:
+                    if conn.connection is not None and not conn.needs_rollback:
+                        with conn.cursor() as cursor:
+                            cursor.execute("RESET lock_timeout")
+
+    return teardown
+
+
+def _lock_holders(conn: Any) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pid, state, now() - xact_start, left(query, 120) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL")
+        return list(cursor.fetchall())
+
+
+def pytest_configure(config: Any) -> None:
+    from django.test import TransactionTestCase
+
+    # Only TransactionTestCase's flush; TestCase rolls back its transaction instead (its own _fixture_teardown).
+    if not getattr(TransactionTestCase._fixture_teardown, "_lsl_polite", False):
+        TransactionTestCase._fixture_teardown = _polite_flush(TransactionTestCase._fixture_teardown)
+        TransactionTestCase._fixture_teardown._lsl_polite = True
+
+
 @pytest.fixture(scope="session")
 def engine() -> Iterator[None]:
     from environments import runtime
@@ -198,14 +274,15 @@ class WorkerProcess:
 
 def test_database_url() -> str:
     """The URL of the database this test run uses (SQLite file or PostgreSQL test database), for subprocesses."""
-    from django.db import connection
-
     from urllib.parse import quote, urlencode
+
+    from django.db import connection
 
     settings_dict = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{settings_dict['NAME']}"
     assert connection.vendor == "postgresql", f"the suite runs on SQLite or PostgreSQL, not {connection.vendor}"
+    assert settings_dict["NAME"].startswith("test_"), f"not a test database: {settings_dict['NAME']!r}"
     # NAME is test_<name> by now (pytest-django created it): the subprocesses must use that
     # database, never the one LSL_DATABASE_URL names. Quote what a password or a socket path may
     # contain; a socket directory as host goes in the query, which dj_database_url understands.
