@@ -5,7 +5,10 @@
 #         the keeper, docker.io) and a running Docker engine (scripts/engine.sh)
 #   test: the same, plus what the suite drives for real: redis-server, chromium +
 #         chromedriver, tmux, busybox-static/debootstrap/docker-registry for the
-#         offline test images (scripts/build_test_images.sh), and those images
+#         offline test images (scripts/build_test_images.sh), and those images; nginx
+#         (tests/proxy.py), openssl and openssh (TLS and ssh:// nodes: tests/engines.py).
+#         PostgreSQL and docker-compose are installed by scripts/postgres.sh and
+#         scripts/compose_smoke.sh when their targets run
 #
 # `make run` and `make test` call it, so on a bare Debian machine the README's two
 # commands are all there is to do. Idempotent and quick when everything is there.
@@ -19,7 +22,7 @@ export DEBIAN_FRONTEND=noninteractive
 export NEEDRESTART_MODE=l   # never let needrestart restart services from apt
 
 RUN_PACKAGES=(docker.io gcc libc6-dev make curl ca-certificates iproute2)
-TEST_PACKAGES=(busybox-static redis-server docker-registry debootstrap chromium chromium-driver tmux fonts-liberation nginx)
+TEST_PACKAGES=(busybox-static redis-server docker-registry debootstrap chromium chromium-driver tmux fonts-liberation nginx openssl openssh-client openssh-server)
 
 case "$PROFILE" in
     run) PACKAGES=("${RUN_PACKAGES[@]}") ;;
