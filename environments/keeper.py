@@ -30,7 +30,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,21 +51,7 @@ SOCKET_DIR_IN_CONTAINER = identity.IDENTITY_DIR  # the boot script leaves its id
 SOCKET_IN_CONTAINER = f"{SOCKET_DIR_IN_CONTAINER}/keeper.sock"
 SOCKET_NAME = "keeper.sock"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL
-READY_KIND = b"r"  # the exec relay's "raw mode is on" frame; its payload (keeper v4+) is the relay's pid
-MAX_READY_PAYLOAD = 15
-
-
-def ready_header_length(head: bytes) -> int | None:
-    """The payload length of a relay's ready frame header (5 bytes), or None if it is not one (pure)."""
-    if len(head) != 5 or head[:1] != READY_KIND:
-        return None
-    (length,) = struct.unpack(">I", head[1:])
-    return length if length <= MAX_READY_PAYLOAD else None
-
-
-def relay_pid(payload: bytes) -> int | None:
-    """The relay's pid from its ready frame's payload (empty from keepers before v4)."""
-    return int(payload) if payload.isdigit() else None
+READY = b"r\x00\x00\x00\x00"  # the exec relay's "raw mode is on" frame
 READ_SIZE = 1 << 20
 
 
@@ -354,12 +339,9 @@ async def _connect_by_exec(engine: runtime.Engine, container_id: str, docker_cal
     reader, writer = await asyncio.open_connection(sock=ex.sock, limit=2 ** 22)
     try:
         ready = await asyncio.wait_for(reader.readexactly(5), timeout=5.0)
-        length = ready_header_length(ready)
-        if length:
-            await asyncio.wait_for(reader.readexactly(length), timeout=5.0)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-        ready, length = b"", None
-    if length is not None:
+        ready = b""
+    if ready == READY:
         return KeeperLink(reader, writer, ex, "exec")
     writer.close()
     if started:
@@ -409,11 +391,8 @@ def _request_blocking(engine: runtime.Engine, container_id: str, environment_id:
     try:
         sock.settimeout(timeout)
         ready = _recv_exactly(sock, 5)
-        length = ready_header_length(ready)
-        if length is None:
+        if ready != READY:
             raise KeeperError(f"no session keeper in this container ({ready!r})")
-        if length:
-            _recv_exactly(sock, length)
         sock.sendall(request)
         return _read_frame_blocking(sock)
     except OSError as exc:
@@ -498,14 +477,11 @@ class Tunnel:
     `keep` must stay referenced while the tunnel is used (the exec path's docker-py wrapper closes
     the socket when collected). Half-close (`shutdown(SHUT_WR)`, StreamWriter.write_eof) reaches the
     service on the socket path; on the exec path the relay is a TTY, which carries no EOF of its
-    own, so a half-close there ends the whole tunnel, and close() also kills the relay (`on_close`),
-    which would otherwise outlive the tunnel (docs/protocol.md)."""
+    own, so a half-close there ends the whole tunnel (docs/protocol.md)."""
 
-    def __init__(self, sock: socket.socket, path: str, keep: Any = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket, path: str, keep: Any = None) -> None:
         self.sock, self.path, self.keep = sock, path, keep
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._on_close = on_close
 
     async def streams(self, limit: int = 2 ** 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """asyncio streams over the socket (made once; the writer owns the socket from then on)."""
@@ -522,23 +498,6 @@ class Tunnel:
         except (OSError, RuntimeError):
             pass
         self.keep = None
-        on_close, self._on_close = self._on_close, None
-        if on_close is not None:
-            on_close()
-
-
-def _end_relay_later(engine: runtime.Engine, container_id: str, pid: int) -> Callable[[], None]:
-    """What closing an exec-path tunnel must also do: end its relay. A TTY exec carries no EOF, so
-    the relay (and the keeper's tunnel process behind it) would otherwise stay for as long as the
-    service keeps its end open: a leak of two processes per closed connection (a preview's every
-    request). Killed from a thread of its own: close() is called on the event loop and must not block."""
-    def kill() -> None:
-        try:
-            engine.exec_run(container_id, ["/bin/sh", "-c", f"kill -9 {pid}"], user="0:0")
-        except runtime.EngineError as exc:  # the container went away meanwhile: so did the relay
-            log.debug("ending tunnel relay %s in %s: %s", pid, container_id[:12], exc)
-
-    return lambda: threading.Thread(target=kill, name="lsl-relay-reaper", daemon=True).start()
 
 
 async def _recv_exactly_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -552,17 +511,14 @@ async def _recv_exactly_async(loop: asyncio.AbstractEventLoop, sock: socket.sock
     return data
 
 
-async def _tunnel_reply(sock: socket.socket, request: bytes, port: int, *, ready: bool) -> int | None:
+async def _tunnel_reply(sock: socket.socket, request: bytes, port: int, *, ready: bool) -> None:
     """Send `T`, read the answer frame with exact reads; raise unless it is `t`. `ready`: first
-    read the exec relay's raw-mode frame, and return the relay's pid (None from an older keeper)."""
+    read the exec relay's raw-mode frame."""
     loop = asyncio.get_running_loop()
-    pid = None
     if ready:
         got = await _recv_exactly_async(loop, sock, 5)
-        length = ready_header_length(got)
-        if length is None:
+        if got != READY:
             raise KeeperError(f"no session keeper in this container ({got!r})")
-        pid = relay_pid(await _recv_exactly_async(loop, sock, length)) if length else None
     await loop.sock_sendall(sock, request)
     head = await _recv_exactly_async(loop, sock, 5)
     (length,) = struct.unpack(">I", head[1:])
@@ -571,7 +527,6 @@ async def _tunnel_reply(sock: socket.socket, request: bytes, port: int, *, ready
     payload = await _recv_exactly_async(loop, sock, length) if length else b""
     if head[:1] != b"t":
         raise tunnel_refusal(head[:1], payload, port)
-    return pid
 
 
 MAX_REPLY = 64 * 1024
@@ -600,7 +555,7 @@ async def _tunnel_by_exec(engine: runtime.Engine, container_id: str, docker_call
     sock = ex.sock
     sock.setblocking(False)
     try:
-        pid = await asyncio.wait_for(_tunnel_reply(sock, request, port, ready=True), TUNNEL_TIMEOUT)
+        await asyncio.wait_for(_tunnel_reply(sock, request, port, ready=True), TUNNEL_TIMEOUT)
     except KeeperError as exc:
         sock.close()
         if started or not str(exc).startswith("no session keeper"):
@@ -613,7 +568,7 @@ async def _tunnel_by_exec(engine: runtime.Engine, container_id: str, docker_call
     except BaseException:
         sock.close()
         raise
-    return Tunnel(sock, "exec", keep=ex, on_close=_end_relay_later(engine, container_id, pid) if pid else None)
+    return Tunnel(sock, "exec", keep=ex)
 
 
 async def open_tunnel(engine: runtime.Engine, container_id: str, environment_id: Any, docker_call: DockerCall,

@@ -939,14 +939,9 @@ static int attach(const char *path) {
     }
     struct termios tio;
     if (isatty(0) && tcgetattr(0, &tio) == 0) { cfmakeraw(&tio); tcsetattr(0, TCSANOW, &tio); }
-    /* Tell the server the relay is ready (raw mode is on): before this, a TTY would mangle bytes.
-     * The payload is this relay's pid (in the container): a TTY exec carries no EOF, so a server that
-     * closes a tunnel whose service keeps its end open ends the relay with a kill (keeper.py). */
-    unsigned char ready[5 + 16] = {'r', 0, 0, 0, 0};
-    int n = snprintf((char *)ready + 5, 16, "%d", (int)getpid());
-    if (n < 0 || n >= 16) n = 0;
-    ready[4] = (unsigned char)n;
-    if (write(1, ready, (size_t)(5 + n)) != 5 + n) return 1;
+    /* Tell the server the relay is ready (raw mode is on): before this, a TTY would mangle bytes. */
+    unsigned char ready[5] = {'r', 0, 0, 0, 0};
+    if (write(1, ready, 5) != 5) return 1;
     struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = fd, .events = POLLIN}};
     unsigned char buf[65536];
     for (;;) {
