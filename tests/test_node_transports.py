@@ -15,15 +15,11 @@ the engine's `ssh` wrapper (`ssh -F <its config>`) first on PATH, which stands f
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -31,6 +27,7 @@ import requests
 from tests.conftest import REPO
 from tests.engines import TEST_IMAGE, PrivateEngine, foreign_client_cert, private_engine
 from tests.stack import Stack
+from tests.test_nodes import create, exec_output
 from tests.wsclient import TermClient
 
 # Quick node checks, so the worker's health check runs over the transport many times during a test.
@@ -60,43 +57,6 @@ def node_names(stack: Stack) -> list[str]:
     listing = lsl_node(stack, "list")
     assert listing.returncode == 0, listing.stderr
     return [line.split()[0] for line in listing.stdout.splitlines()[1:] if line and not line.startswith(" ")]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.2)
-
-
-def create(stack: Stack, name: str) -> dict[str, Any]:
-    response = stack.api("POST", "environments/", json={"name": name, "template": "busybox"})
-    assert response.status_code == 202, response.text
-    env_id = response.json()["id"]
-
-    def running() -> dict[str, Any] | None:
-        data = stack.api("GET", f"environments/{env_id}/").json()
-        assert data["status"] != "error", data["last_error"]
-        return data if data["status"] == "running" else None
-
-    return wait_for(running, 90, f"{name} running")
-
-
-def exec_output(stack: Stack, env_id: str, command: list[str]) -> tuple[int, bytes]:
-    response = stack.api("POST", f"environments/{env_id}/exec/", json={"command": command}, timeout=60)
-    assert response.status_code == 200, response.text
-    output, code = b"", None
-    for line in response.text.splitlines():
-        item = json.loads(line)
-        if "o" in item:
-            output += base64.b64decode(item["o"])
-        else:
-            code = item["exit_code"]
-    assert code is not None, response.text
-    return code, output
 
 
 def exercise_environment(stack: Stack, engine: PrivateEngine, node: str) -> None:

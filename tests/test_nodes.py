@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from tests.conftest import REPO, start_daphne, stop_daphne
 from tests.engines import TEST_IMAGE, PrivateEngine, private_engine
@@ -61,7 +60,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
-def create(stack: Stack, name: str, template: str = "busybox") -> dict[str, Any]:
+def create(stack: Stack, name: str, template: str = "busybox", timeout: float = 90) -> dict[str, Any]:
     response = stack.api("POST", "environments/", json={"name": name, "template": template})
     assert response.status_code == 202, response.text
     env_id = response.json()["id"]
@@ -71,11 +70,11 @@ def create(stack: Stack, name: str, template: str = "busybox") -> dict[str, Any]
         assert data["status"] != "error", data["last_error"]
         return data if data["status"] == "running" else None
 
-    return wait_for(running, 60, f"{name} running")
+    return wait_for(running, timeout, f"{name} running")
 
 
 def exec_output(stack: Stack, env_id: str, command: list[str]) -> tuple[int, bytes]:
-    response = stack.api("POST", f"environments/{env_id}/exec/", json={"command": command})
+    response = stack.api("POST", f"environments/{env_id}/exec/", json={"command": command}, timeout=60)
     assert response.status_code == 200, response.text
     output, code = b"", None
     for line in response.text.splitlines():
