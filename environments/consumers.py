@@ -85,6 +85,11 @@ def _catch_up(since: int, until: int) -> tuple[list[events.EventRecord], bool]:
 
 
 class EventStreamConsumer(AsyncWebsocketConsumer):
+    # No channel layer: events arrive through events.bus() (its own Redis subscription, or polling
+    # while Redis is down). With one, channels' dispatch loop also waits on the layer's receive,
+    # which raises while Redis is down and ended the stream with 1011 in the middle of an outage.
+    channel_layer_alias = "lsl-events-have-no-channel-layer"
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:

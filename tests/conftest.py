@@ -101,6 +101,20 @@ def pytest_configure(config: Any) -> None:
         TransactionTestCase._fixture_teardown._lsl_polite = True
 
 
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """On PostgreSQL (make test-postgres), skip the tests marked `own_database`: each runs a stack
+    with a SQLite database of its own (tests/stack.py), so the SQLite stage already ran exactly
+    that; running it again would add minutes to CI and test nothing about PostgreSQL."""
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        return
+    skip = pytest.mark.skip(reason="own SQLite database (tests/stack.py): the SQLite stage runs it")
+    for item in items:
+        if item.get_closest_marker("own_database"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def engine() -> Iterator[None]:
     from environments import runtime

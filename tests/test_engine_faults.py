@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.engines import PrivateEngine, private_engine_fixture  # noqa: F401  (registers `private_engine`)
 from tests.stack import Stack
 
@@ -47,6 +49,7 @@ def list_latency(stack: Stack, rounds: int = 20) -> float:
     return statistics.median(times)
 
 
+@pytest.mark.own_database
 def test_engine_killed_mid_create_then_start_recovers(private_engine: PrivateEngine, tmp_path: Path) -> None:
     stack = Stack(tmp_path / "lsl", {**private_engine.env(), "LSL_ENGINE_RETRY_FOR": "3"}).start()
     try:

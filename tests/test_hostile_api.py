@@ -230,3 +230,15 @@ def test_a_team_left_with_an_empty_slug_is_repaired(people: Any) -> None:
     response = api_client(people.owner).get("/api/v1/teams/")
     assert response.status_code == 200, response.content
     assert f"team-{broken.pk}-2" in {t["slug"] for t in response.json()["results"]}
+
+
+def test_max_length_counts_the_string_as_sent(people: Any) -> None:
+    """The schema's maxLength is of the string sent. DRF checked it after trimming, so a token name of
+    "\\r" + 100 characters was created (the fuzzer's seed 71708283171402798018121860296254409618)."""
+    client = api_client(people.owner)
+    before = people.owner.api_tokens.count()
+    error = error_of(client.post("/api/v1/tokens/", {"name": "\r" + "n" * 100}, format="json"))
+    assert "no more than 100 characters" in error["fields"]["name"][0], error
+    assert people.owner.api_tokens.count() == before
+    created = client.post("/api/v1/tokens/", {"name": " " + "n" * 99}, format="json")
+    assert created.status_code == 201 and created.json()["name"] == "n" * 99, created.content

@@ -99,6 +99,7 @@ def exercise_environment(stack: Stack, engine: PrivateEngine, node: str) -> None
         client.close()
 
 
+@pytest.mark.own_database
 def test_a_tcp_tls_node_runs_environments_exec_files_and_terminals(remote: PrivateEngine, redis_url: str,
                                                                     tmp_path: Path) -> None:
     assert remote.tls is not None
@@ -116,6 +117,7 @@ def test_a_tcp_tls_node_runs_environments_exec_files_and_terminals(remote: Priva
         stack.stop()
 
 
+@pytest.mark.own_database
 def test_tcp_nodes_without_the_right_certificates_are_refused(remote: PrivateEngine, tmp_path: Path) -> None:
     """Each refusal names the reason, exits non-zero and writes nothing."""
     assert remote.tls is not None
@@ -149,6 +151,7 @@ def test_tcp_nodes_without_the_right_certificates_are_refused(remote: PrivateEng
     assert node_names(stack) == ["local", "right"]
 
 
+@pytest.mark.own_database
 def test_an_ssh_node_runs_environments_exec_files_and_terminals(remote: PrivateEngine, redis_url: str,
                                                                  tmp_path: Path) -> None:
     assert remote.ssh is not None

@@ -93,6 +93,7 @@ def on_engine(engine: PrivateEngine, container_id: str) -> bool:
     return container_id in listed
 
 
+@pytest.mark.own_database
 def test_nodes_place_drain_survive_a_dead_engine_and_recover(engines: tuple[PrivateEngine, PrivateEngine],
                                                             redis_url: str, tmp_path: Path) -> None:
     b, c = engines
@@ -210,6 +211,7 @@ def test_nodes_place_drain_survive_a_dead_engine_and_recover(engines: tuple[Priv
         stack.stop()
 
 
+@pytest.mark.own_database
 def test_an_unreachable_node_is_refused_with_its_reason(tmp_path: Path) -> None:
     """`lsl_node` errors are specific and leave nothing half-written."""
     stack = Stack(tmp_path / "lsl")

@@ -80,6 +80,7 @@ def stack(tmp_path: Path) -> Any:
     stack._manage("shell", "-c", "from environments import runtime; runtime.local().remove_instance_resources()")
 
 
+@pytest.mark.own_database
 def test_the_api_keeps_the_promises_of_its_openapi_schema(stack: Stack, tmp_path: Path) -> None:
     assert stack.web is not None
     [token] = stack.api("GET", "tokens/").json()["results"]
