@@ -9,8 +9,8 @@ Health: the worker's `check_nodes` asks every node's engine for `docker info` wi
 every LSL_NODE_CHECK_INTERVAL seconds. A node that does not answer LSL_NODE_FAILURES times running is
 marked unavailable: its environments read as `node_unavailable` (the API and the pages still answer
 from the rows) and actions on them raise `runtime.NodeUnavailableError` (HTTP 503) at once instead of
-each waiting out a timeout. Nothing on other nodes is touched. When it answers again it is marked
-available, and the worker reconciles it (what happened while it was away shows with its reason).
+each waiting out a timeout. Nothing on other nodes is touched. When it answers again the worker
+reconciles it (what happened while it was away shows with its reason), then marks it available.
 
 Writes go through the do_* actions (admin and `manage.py lsl_node` both use them).
 """
@@ -347,6 +347,19 @@ def check_node(node: Node) -> bool | None:
         return None
     _failures.pop(key, None)
     came_back = not node.available
+    if came_back:
+        # Catch up with what happened while it was away *before* its environments read from their
+        # rows again: marked available first, they read the status recorded before it went down
+        # (often "running", while a restarted dockerd has stopped every container) until a later
+        # reconcile, and an action taken in between met the wrong state.
+        from environments import reconcile
+
+        try:
+            reconcile.reconcile(node)
+        except runtime.EngineError as exc:
+            Node.objects.filter(pk=node.pk).update(checked_at=now, last_error=str(exc)[:2000])
+            log.info("node %s answers but could not be reconciled yet: %s", node.name, exc)
+            return None
     with transaction.atomic():
         Node.objects.filter(pk=node.pk).update(available=True, unavailable_since=None, last_error="", checked_at=now,
                                                engine=info)
@@ -370,19 +383,11 @@ def check_nodes() -> dict[str, Any]:
     """The worker's periodic node check: every node, at once (a dead one costs its timeout, not more)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from environments import reconcile
-
     nodes = list(Node.objects.all())  # none: nothing to check (never made here: migrations and placement do)
     if not nodes:
         return {"nodes": 0}
     with ThreadPoolExecutor(max_workers=min(8, len(nodes)), thread_name_prefix="lsl-node-check") as pool:
         outcomes = dict(zip([n.name for n in nodes], pool.map(_checked, nodes)))
-    for node in nodes:
-        if outcomes[node.name] is True:  # back: catch up with what happened while it was away
-            try:
-                reconcile.reconcile(node)
-            except runtime.EngineError as exc:
-                log.info("reconcile of %s after it came back: %s", node.name, exc)
     return {"nodes": len(nodes), "unavailable": [n.name for n in nodes if not n.available],
             "came_back": [name for name, o in outcomes.items() if o is True],
             "went_down": [name for name, o in outcomes.items() if o is False]}
